@@ -1,0 +1,1 @@
+"""kolors_trt.engines"""

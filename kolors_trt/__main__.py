@@ -1,0 +1,3 @@
+from kolors_trt.cli import main
+
+raise SystemExit(main())
