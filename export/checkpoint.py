@@ -1,0 +1,157 @@
+"""Find and load a Kolors checkpoint and IP-Adapter-Plus weights from local folders.
+
+Two base layouts are accepted:
+  * a Kolors-diffusers root: model_index.json, text_encoder/, tokenizer/, unet/, vae/, scheduler/
+  * the original Kolors repo's `weights/Kolors`: the same folders, but the tokenizer
+    files (tokenizer.model, tokenizer_config.json) sit in text_encoder/.
+The IP-Adapter root holds image_encoder/ and ip_adapter_plus_general.{bin,safetensors}.
+Every problem is reported as one CheckpointError naming the path and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from .ip_weights import IPWeightsError, convert, cross_attention_layers, load_original
+
+logger = logging.getLogger(__name__)
+
+IP_WEIGHT_NAMES = ("ip_adapter_plus_general.safetensors", "ip_adapter_plus_general.bin")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file is missing, of the wrong layout, or corrupt."""
+
+
+@dataclass(frozen=True)
+class CheckpointPaths:
+    root: Path
+    text_encoder: Path
+    tokenizer: Path
+    unet: Path
+    vae: Path
+    scheduler: Path
+    ip_root: Path
+    image_encoder: Path
+    ip_weights: Path
+
+
+def _need_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint: {path} is missing; expected the {what} folder there")
+    if not (path / "config.json").is_file() and what not in ("tokenizer", "scheduler"):
+        raise CheckpointError(f"checkpoint: {path / 'config.json'} is missing; {path} is not a {what} folder")
+    return path
+
+
+def resolve(weights: Path, ip_adapter: Path) -> CheckpointPaths:
+    """Locate every component folder, checking the layout before anything loads."""
+    root, ip_root = Path(weights), Path(ip_adapter)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint: --weights {root} is not a folder; expected a Kolors-diffusers root "
+                              "(model_index.json, text_encoder/, tokenizer/, unet/, vae/, scheduler/) or weights/Kolors")
+    if not ip_root.is_dir():
+        raise CheckpointError(f"checkpoint: --ip-adapter {ip_root} is not a folder; expected a Kolors-IP-Adapter-Plus "
+                              "root with image_encoder/ and ip_adapter_plus_general.bin")
+    text_encoder = _need_dir(root / "text_encoder", "text_encoder")
+    tokenizer = root / "tokenizer"
+    if not (tokenizer / "tokenizer.model").is_file():
+        if (text_encoder / "tokenizer.model").is_file():  # original Kolors layout
+            tokenizer = text_encoder
+        else:
+            raise CheckpointError(f"checkpoint: no tokenizer.model in {root / 'tokenizer'} or {text_encoder}; "
+                                  "expected the ChatGLM sentencepiece model in one of them")
+    scheduler = root / "scheduler"
+    if not (scheduler / "scheduler_config.json").is_file():
+        raise CheckpointError(f"checkpoint: {scheduler / 'scheduler_config.json'} is missing")
+    ip_file = next((ip_root / n for n in IP_WEIGHT_NAMES if (ip_root / n).is_file()), None)
+    if ip_file is None:
+        raise CheckpointError(f"checkpoint: {ip_root} has none of {list(IP_WEIGHT_NAMES)}")
+    return CheckpointPaths(
+        root=root, text_encoder=text_encoder, tokenizer=tokenizer, unet=_need_dir(root / "unet", "unet"),
+        vae=_need_dir(root / "vae", "vae"), scheduler=scheduler, ip_root=ip_root,
+        image_encoder=_need_dir(ip_root / "image_encoder", "image_encoder"), ip_weights=ip_file,
+    )
+
+
+def read_config(folder: Path, name: str = "config.json") -> dict:
+    path = Path(folder) / name
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint: cannot read {path} ({exc}); expected a JSON config") from exc
+
+
+def _variant(folder: Path) -> str | None:
+    """'fp16' when the folder only has fp16-variant weight files (Kolors-diffusers ships those)."""
+    names = [p.name for p in folder.iterdir()]
+    plain = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors",
+             "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json",
+             "diffusion_pytorch_model.safetensors.index.json")
+    if any(n in names for n in plain):
+        return None
+    return "fp16" if any(".fp16" in n for n in names) else None
+
+
+def _load(what: str, folder: Path, loader):
+    try:
+        return loader()
+    except CheckpointError:
+        raise
+    except Exception as exc:  # transformers/diffusers raise OSError, ValueError, RuntimeError, safetensors errors
+        raise CheckpointError(f"checkpoint: cannot load the {what} from {folder} ({type(exc).__name__}: "
+                              f"{str(exc)[:300]}); the files are missing or corrupt") from exc
+
+
+def load_text_encoder(paths: CheckpointPaths):
+    import torch
+    from diffusers.pipelines.kolors.text_encoder import ChatGLMModel
+
+    folder = paths.text_encoder
+    return _load("text encoder (ChatGLM)", folder, lambda: ChatGLMModel.from_pretrained(
+        folder, torch_dtype=torch.float32, variant=_variant(folder)).eval())
+
+
+def load_unet(paths: CheckpointPaths):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    folder = paths.unet
+    return _load("UNet", folder, lambda: UNet2DConditionModel.from_pretrained(
+        folder, torch_dtype=torch.float32, variant=_variant(folder)).eval())
+
+
+def load_vae(paths: CheckpointPaths):
+    import torch
+    from diffusers import AutoencoderKL
+
+    folder = paths.vae
+    return _load("VAE", folder, lambda: AutoencoderKL.from_pretrained(
+        folder, torch_dtype=torch.float32, variant=_variant(folder)).eval())
+
+
+def load_image_encoder(paths: CheckpointPaths):
+    import torch
+    from transformers import CLIPVisionModelWithProjection
+
+    folder = paths.image_encoder
+    return _load("image encoder (CLIP vision)", folder, lambda: CLIPVisionModelWithProjection.from_pretrained(
+        folder, torch_dtype=torch.float32).eval())
+
+
+def load_ip_adapter(paths: CheckpointPaths, unet):
+    """The resampler (diffusers' IPAdapterPlusImageProjection, weights converted from
+    the original keys) and the [(to_k_ip, to_v_ip)] pairs for `unet`'s cross-attentions."""
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+    try:
+        state = load_original(paths.ip_weights)
+        kwargs, resampler_state, kv = convert(state, len(cross_attention_layers(unet)), str(paths.ip_weights))
+    except IPWeightsError as exc:
+        raise CheckpointError(str(exc)) from exc
+    resampler = IPAdapterPlusImageProjection(**kwargs)
+    resampler.load_state_dict(resampler_state, strict=True)
+    return resampler.eval(), kv

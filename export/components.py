@@ -1,0 +1,171 @@
+"""The four exported graphs as torch modules whose signatures are the spec's.
+
+Each wrapper takes and returns float32 (ids int64) and casts to its module's dtype
+inside, so an fp16 export keeps torch's own fp32 islands (ChatGLM's RMSNorm, the
+rotary cache) and the graph edges never change with precision.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TextEncoderGraph(nn.Module):
+    """ChatGLM3 -> (prompt_embeds [B, L, H] = hidden_states[-2], pooled [B, H] =
+    hidden_states[-1] at the last position), exactly as KolorsPipeline.encode_prompt.
+
+    ChatGLMModel builds its padding mask only `if not attention_mask.all()`, a
+    branch a trace bakes in. Here the mask is always built from `attention_mask`
+    (the model's own get_masks) and passed as `full_attention_mask`, so padding
+    reaches the graph as data. For an unpadded row the mask is the causal one,
+    which is what the is_causal branch computes.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        full_mask = self.model.get_masks(input_ids, None, padding_mask=attention_mask)  # [B, 1, L, L] bool
+        out = self.model(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+            full_attention_mask=full_mask, output_hidden_states=True, use_cache=False, return_dict=True,
+        )
+        prompt_embeds = out.hidden_states[-2].permute(1, 0, 2)  # [L, B, H] -> [B, L, H]
+        pooled = out.hidden_states[-1][-1]  # [B, H]
+        return prompt_embeds.float(), pooled.float()
+
+
+class ImageEncoderGraph(nn.Module):
+    """CLIP vision penultimate hidden state -> IP-Adapter-Plus resampler -> ip_tokens.
+
+    The last encoder layer, post_layernorm and the projection feed nothing that
+    Kolors uses; they are dropped, so the graph ends at hidden_states[-2].
+    """
+
+    def __init__(self, clip, resampler):
+        super().__init__()
+        # Shallow copies share every weight with `clip`, which stays untouched.
+        vision = copy.copy(clip.vision_model)
+        vision._modules = dict(vision._modules)
+        encoder = copy.copy(vision.encoder)
+        encoder._modules = dict(encoder._modules)
+        encoder.layers = nn.ModuleList(list(encoder.layers)[:-1])
+        vision.encoder = encoder
+        self.vision = vision
+        self.resampler = resampler
+
+    def forward(self, pixel_values):
+        dtype = self.vision.pre_layrnorm.weight.dtype
+        # last_hidden_state is taken before post_layernorm: hidden_states[-2] of the full model
+        h = self.vision(pixel_values=pixel_values.to(dtype)).last_hidden_state  # [B, 577, C]
+        return self.resampler(h).float()  # [B, 16, cross_attention_dim]
+
+
+class IPInputs:
+    """Per-call IP tensors shared by the UNet's IP processors (set by UNetGraph.forward)."""
+
+    tokens: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+
+
+class IPAttnProcessor(nn.Module):
+    """Cross-attention with a decoupled IP branch, scale as a tensor:
+    out = attn(q, k_text, v_text) + scale * attn(q, to_k_ip(ip), to_v_ip(ip)).
+
+    Mirrors diffusers' IPAdapterAttnProcessor2_0 (single adapter, no masks) so the
+    graph computes what KolorsPipeline with load_ip_adapter computes; diffusers
+    skips the branch at scale 0, here it is multiplied by 0, the same value.
+    """
+
+    def __init__(self, hidden_size: int, cross_attention_dim: int, ip: IPInputs):
+        super().__init__()
+        self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.ip = ip
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        if attention_mask is not None or attn.spatial_norm is not None or hidden_states.ndim != 3:
+            raise NotImplementedError("IP attention: masks, spatial norm and 4-D inputs do not occur in Kolors")
+        residual = hidden_states
+        batch = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+
+        def heads(x):  # [B, N, heads * d] -> [B, heads, N, d]
+            return x.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+
+        def merge(x):
+            return x.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+
+        query = heads(query)
+        out = merge(F.scaled_dot_product_attention(query, heads(key), heads(value), dropout_p=0.0, is_causal=False))
+        ip_key, ip_value = heads(self.to_k_ip(self.ip.tokens)), heads(self.to_v_ip(self.ip.tokens))
+        ip_out = merge(F.scaled_dot_product_attention(query, ip_key, ip_value, dropout_p=0.0, is_causal=False))
+        out = out + self.ip.scale * ip_out
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def attach_ip(unet, kv) -> IPInputs:
+    """Install IP processors with the given (to_k_ip, to_v_ip) weights on every
+    cross-attention of `unet`, in the IP-Adapter id order."""
+    from .ip_weights import cross_attention_layers
+
+    ip = IPInputs()
+    procs = dict(unet.attn_processors)
+    layers = cross_attention_layers(unet)
+    if len(layers) != len(kv):
+        raise ValueError(f"IP weights have {len(kv)} layer pairs, the UNet has {len(layers)} cross-attentions")
+    cross_dim = unet.config.cross_attention_dim
+    for (name, hidden), (k, v) in zip(layers, kv):
+        proc = IPAttnProcessor(hidden, cross_dim, ip)
+        proc.to_k_ip.weight.data.copy_(k)
+        proc.to_v_ip.weight.data.copy_(v)
+        procs[name] = proc.to(dtype=unet.dtype)
+    unet.set_attn_processor(procs)
+    return ip
+
+
+class UNetGraph(nn.Module):
+    """The IP-augmented Kolors UNet taking IP tokens directly (the resampler runs
+    once per image in the image-encoder graph, not per step), the 4096 -> 2048
+    text projection inside, and ip_scale as an input tensor."""
+
+    def __init__(self, unet, kv):
+        super().__init__()
+        self.unet = unet
+        self.ip = attach_ip(unet, kv)
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, ip_tokens, ip_scale):
+        dtype = self.unet.dtype
+        self.ip.tokens, self.ip.scale = ip_tokens.to(dtype), ip_scale.to(dtype)
+        out = self.unet(
+            sample.to(dtype), timestep, encoder_hidden_states=encoder_hidden_states.to(dtype),
+            added_cond_kwargs={"text_embeds": text_embeds.to(dtype), "time_ids": time_ids.to(dtype)},
+            return_dict=False,
+        )[0]
+        self.ip.tokens = self.ip.scale = None
+        return out.float()  # [2B, 4, H/8, W/8]
+
+
+class VaeDecoderGraph(nn.Module):
+    """latents (already divided by the scaling factor) -> image in [-1, 1]."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents):
+        return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0].float()

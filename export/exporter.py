@@ -1,0 +1,242 @@
+"""Export the four components of a checkpoint into a self-contained export folder.
+
+    out/text_encoder.onnx  image_encoder.onnx  unet.onnx  vae_decoder.onnx
+    out/tokenizer/         tokenizer.model (+ tokenizer_config.json)
+    out/scheduler/         scheduler_config.json
+    out/image_processor/   preprocessor_config.json
+    out/manifest.json      model dims, per-component precision, hashes, parity, runtime constants
+
+Each graph is traced at a small sample shape and validated on ONNX Runtime at
+another shape (other batch, non-square latents), so a dim baked in by the trace
+cannot pass unnoticed.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from kolors_trt.runtime import spec as S
+
+from . import checkpoint as ck
+from .components import ImageEncoderGraph, TextEncoderGraph, UNetGraph, VaeDecoderGraph
+from .onnx_export import OPSET, export_onnx, sample_inputs
+from .validate import Parity, validate
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = "kolors-trt/export"
+MANIFEST_VERSION = 1
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class PrecisionError(ValueError):
+    """A precision setting names an unknown component or precision."""
+
+
+@dataclass
+class ExportResult:
+    component: str
+    precision: str
+    file: str
+    bytes: int
+    export_seconds: float
+    peak_rss_mb: float
+    parity: Parity
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
+
+
+def resolve_precisions(default: str = "fp16", overrides: dict | None = None) -> dict:
+    """Per-component precision: `default` for the text encoder, image encoder and
+    UNet, fp32 for the VAE (the SDXL VAE overflows in fp16), then `overrides`."""
+    if default not in S.PRECISIONS:
+        raise PrecisionError(f"export: precision {default!r} is not one of {S.PRECISIONS}")
+    out = {c: (default if c != "vae_decoder" else S.DEFAULT_PRECISION[c]) for c in S.COMPONENTS}
+    for comp, prec in (overrides or {}).items():
+        if comp not in S.COMPONENTS or prec not in S.PRECISIONS:
+            raise PrecisionError(f"export: cannot set {comp}={prec}; components are {S.COMPONENTS}, "
+                                 f"precisions {S.PRECISIONS}")
+        out[comp] = prec
+    return out
+
+
+def export_dims(model: S.ModelDims) -> dict:
+    m = model.latent_multiple
+    return {"batch": 1, "unet_batch": 2, "latent_height": 2 * m, "latent_width": 2 * m}
+
+
+def check_dims(model: S.ModelDims) -> dict:
+    m = model.latent_multiple
+    return {"batch": 2, "unet_batch": 4, "latent_height": 3 * m, "latent_width": 4 * m}
+
+
+class Components:
+    """The fp32 torch modules of a checkpoint, loaded once, and their graph wrappers."""
+
+    def __init__(self, paths: ck.CheckpointPaths):
+        self.paths = paths
+        self.text_encoder = ck.load_text_encoder(paths)
+        self.unet = ck.load_unet(paths)
+        self.vae = ck.load_vae(paths)
+        self.clip = ck.load_image_encoder(paths)
+        self.resampler, self.kv = ck.load_ip_adapter(paths, self.unet)
+        vae_latent = self.vae.config.latent_channels
+        if vae_latent != self.unet.config.in_channels:
+            raise ck.CheckpointError(f"checkpoint: UNet takes {self.unet.config.in_channels} latent channels, "
+                                     f"the VAE makes {vae_latent}; they are not from one model")
+        self.dims = S.ModelDims(
+            text_hidden=self.text_encoder.config.hidden_size,
+            image_size=self.clip.config.image_size,
+            ip_tokens=self.resampler.latents.shape[1],
+            cross_attention_dim=self.unet.config.cross_attention_dim,
+            latent_channels=self.unet.config.in_channels,
+            vae_scale=2 ** (len(self.vae.config.block_out_channels) - 1),
+            latent_multiple=2 ** (len(self.unet.config.block_out_channels) - 1),
+        )
+
+    def graph(self, name: str, precision: str):
+        """The wrapper for `name` at `precision` (fp16 on a copy: the fp32 modules
+        stay the reference)."""
+        import torch
+
+        dtype = torch.float16 if precision == "fp16" else torch.float32
+
+        def cast(m):
+            return copy.deepcopy(m).to(dtype) if dtype != torch.float32 else m
+
+        if name == "text_encoder":
+            return TextEncoderGraph(cast(self.text_encoder)).eval()
+        if name == "image_encoder":
+            return ImageEncoderGraph(cast(self.clip), cast(self.resampler)).eval()
+        if name == "unet":
+            return UNetGraph(copy.deepcopy(self.unet).to(dtype), self.kv).eval()
+        if name == "vae_decoder":
+            return VaeDecoderGraph(cast(self.vae)).eval()
+        raise KeyError(name)
+
+    def configs(self) -> dict:
+        return {
+            "text_encoder": self.text_encoder.config.to_dict(),
+            "image_encoder": self.clip.config.to_dict(),
+            "unet": dict(self.unet.config),
+            "vae_decoder": dict(self.vae.config),
+            "resampler": {"num_queries": int(self.resampler.latents.shape[1]),
+                          "hidden_dims": int(self.resampler.latents.shape[2]), "depth": len(self.resampler.layers)},
+        }
+
+
+def _runtime_constants(paths: ck.CheckpointPaths, comps: Components) -> dict:
+    index = {}
+    if (paths.root / "model_index.json").is_file():
+        index = ck.read_config(paths.root, "model_index.json")
+    pre = {}
+    if (paths.image_encoder / "preprocessor_config.json").is_file():
+        pre = ck.read_config(paths.image_encoder, "preprocessor_config.json")
+    return {
+        "vae_scaling_factor": float(comps.vae.config.scaling_factor),
+        "vae_shift_factor": comps.vae.config.get("shift_factor"),
+        "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", False)),
+        "image_mean": list(pre.get("image_mean", CLIP_MEAN)),
+        "image_std": list(pre.get("image_std", CLIP_STD)),
+        "image_size": comps.dims.image_size,
+        "text_length": comps.dims.text_length,
+        "defaults": {"height": 1024, "width": 1024, "num_inference_steps": 50, "guidance_scale": 5.0,
+                     "ip_adapter_scale": 0.5},
+    }
+
+
+def _copy_assets(paths: ck.CheckpointPaths, out: Path) -> None:
+    (out / "tokenizer").mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        if (paths.tokenizer / name).is_file():
+            shutil.copy2(paths.tokenizer / name, out / "tokenizer" / name)
+    (out / "scheduler").mkdir(exist_ok=True)
+    shutil.copy2(paths.scheduler / "scheduler_config.json", out / "scheduler" / "scheduler_config.json")
+    (out / "image_processor").mkdir(exist_ok=True)
+    pre = paths.image_encoder / "preprocessor_config.json"
+    if pre.is_file():
+        shutil.copy2(pre, out / "image_processor" / "preprocessor_config.json")
+
+
+def export_all(weights: Path, ip_adapter: Path, out: Path, precisions: dict,
+               components: tuple = S.COMPONENTS, progress: bool = True) -> list[ExportResult]:
+    """Export, validate and hash every requested component; write the manifest."""
+    from tqdm import tqdm
+
+    paths = ck.resolve(weights, ip_adapter)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    comps = Components(paths)
+    specs = S.engine_specs(comps.dims)
+    results = []
+    bar = tqdm(components, desc="export", unit="graph", disable=not progress)
+    for name in bar:
+        precision = precisions[name]
+        bar.set_postfix_str(f"{name} {precision}")
+        spec, file = specs[name], out / f"{name}.onnx"
+        start = time.perf_counter()
+        export_onnx(comps.graph(name, precision), spec, export_dims(comps.dims), file)
+        seconds = time.perf_counter() - start
+        values = check_dims(comps.dims)
+        reference = comps.graph(name, "fp32")
+        parity = validate(spec, precision, file, reference, values, sample_inputs(spec, values, seed=1))
+        size = file.stat().st_size + sum(p.stat().st_size for p in out.glob(f"{name}.onnx.data"))
+        results.append(ExportResult(name, precision, file.name, size, seconds, peak_rss_mb(), parity))
+        logger.info("%s (%s): max abs err %.3g, rel err %.3g", name, precision, parity.max_abs_err, parity.rel_err)
+    _copy_assets(paths, out)
+    write_manifest(out, paths, comps, results)
+    return results
+
+
+def write_manifest(out: Path, paths: ck.CheckpointPaths, comps: Components, results: list) -> dict:
+    previous = {}
+    if (out / "manifest.json").is_file():  # keep components exported by an earlier run
+        previous = json.loads((out / "manifest.json").read_text()).get("components", {})
+    configs = comps.configs()
+    entries = dict(previous)
+    for r in results:
+        data = out / f"{r.component}.onnx.data"
+        entries[r.component] = {
+            "file": r.file,
+            "external_data": data.name if data.exists() else None,
+            "precision": r.precision,
+            "sha256": sha256_file(out / r.file),
+            "external_data_sha256": sha256_file(data) if data.exists() else None,
+            "bytes": r.bytes,
+            "opset": OPSET,
+            "export_seconds": round(r.export_seconds, 3),
+            "validation": {"max_abs_err": r.parity.max_abs_err, "rel_err": r.parity.rel_err,
+                           "dims": r.parity.dims, "reference": "fp32 PyTorch module"},
+            "config": configs[r.component],
+        }
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "source": {"weights": str(paths.root.resolve()), "ip_adapter": str(paths.ip_root.resolve()),
+                   "ip_weights": paths.ip_weights.name},
+        "model_dims": asdict(comps.dims),
+        "resampler": configs["resampler"],
+        "runtime": _runtime_constants(paths, comps),
+        "components": entries,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    return manifest

@@ -1,0 +1,147 @@
+"""Trace one wrapper to ONNX from its spec, clean the graph and save it.
+
+The TorchScript-based exporter is used (dynamo=False): it traces the real diffusers
+and ChatGLM code paths with named dynamic axes, which the torch.export-based one
+cannot yet do for ChatGLM's Python-level shape logic.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+from kolors_trt.runtime import spec as S
+
+logger = logging.getLogger(__name__)
+
+OPSET = 17
+TWO_GB = 2**31 - 1
+
+
+class ExportError(RuntimeError):
+    """Tracing or saving a component failed."""
+
+
+def sample_inputs(spec: S.EngineSpec, values: dict, seed: int = 0) -> dict:
+    """Random float32 inputs (ids, masks and positions that make sense for the text
+    encoder) at the given dim values, keyed by input name."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    shapes = S.sample_shapes(spec, values)
+    feeds = {}
+    for t in spec.inputs:
+        shape = shapes[t.name]
+        if t.name == "input_ids":
+            feeds[t.name] = rng.integers(3, 300, size=shape, dtype=np.int64)
+        elif t.name == "attention_mask":
+            mask = np.ones(shape, dtype=np.int64)
+            for row in range(0, shape[0], 2):  # every other row left-padded, like the tokenizer
+                mask[row, : shape[1] // 3 + row] = 0
+            feeds[t.name] = mask
+        elif t.name == "position_ids":
+            mask = feeds["attention_mask"]
+            feeds[t.name] = (np.cumsum(mask, axis=1) - 1).clip(min=0).astype(np.int64)
+        elif t.name == "timestep":
+            feeds[t.name] = np.array([rng.uniform(1, 999)], dtype=np.float32)
+        elif t.name == "ip_scale":
+            feeds[t.name] = np.array([0.7], dtype=np.float32)
+        elif t.name == "time_ids":
+            feeds[t.name] = np.tile(np.array([1024, 1024, 0, 0, 1024, 1024], np.float32), (shape[0], 1))
+        else:
+            feeds[t.name] = rng.standard_normal(shape).astype(np.float32)
+    if "attention_mask" in feeds:
+        feeds["input_ids"] = np.where(feeds["attention_mask"] == 0, 0, feeds["input_ids"])
+    return feeds
+
+
+def export_onnx(module, spec: S.EngineSpec, values: dict, path: Path) -> None:
+    """Trace `module` at the dims `values` and write a cleaned graph to `path`
+    (with one external-data file `path.data` when it is over 2 GB)."""
+    import torch
+
+    feeds = sample_inputs(spec, values)
+    args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        raw = Path(tmp) / f"{spec.name}.raw.onnx"
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # tracer warnings about Python-level shape logic
+                torch.onnx.export(
+                    module, args, str(raw), input_names=spec.input_names, output_names=spec.output_names,
+                    dynamic_axes=S.dynamic_axes(spec), opset_version=OPSET, do_constant_folding=True, dynamo=False,
+                )
+        except Exception as exc:
+            raise ExportError(f"export: tracing {spec.name} failed ({type(exc).__name__}: {exc})") from exc
+        cleanup(raw, path, spec)
+
+
+def cleanup(src: Path, dst: Path, spec: S.EngineSpec) -> None:
+    """onnx-graphsurgeon cleanup and toposort, polygraphy constant folding, shape
+    inference, the spec's dim names on every graph input and output; saved with one
+    external-data file when the graph is over 2 GB."""
+    import onnx
+    import onnx_graphsurgeon as gs
+    from polygraphy.backend.onnx import fold_constants
+
+    model = onnx.load(str(src), load_external_data=True)
+    big = model.ByteSize() > TWO_GB if _size_known(model) else True
+    graph = gs.import_onnx(model)
+    graph.cleanup().toposort()
+    model = gs.export_onnx(graph, do_type_check=False)
+    if not big:
+        model = fold_constants(model, num_passes=2, allow_onnxruntime_shape_inference=True, error_ok=True)
+        model = onnx.shape_inference.infer_shapes(model)
+        graph = gs.import_onnx(model)
+        graph.cleanup().toposort()
+        model = gs.export_onnx(graph, do_type_check=False)
+    name_dims(model, spec)
+    _save(model, dst, big)
+    if big:  # infer_shapes cannot hold a >2 GB proto in memory; the path variant streams it
+        onnx.shape_inference.infer_shapes_path(str(dst), str(dst))
+
+
+def name_dims(model, spec: S.EngineSpec) -> None:
+    """Stamp the spec's names on the graph's edge dims. Shape inference may have
+    written an expression (e.g. 'floor(1.0*batch)') or a number for a dynamic dim;
+    the spec is the authority, and the engine builder and runtime read these."""
+    edges = {v.name: v for v in list(model.graph.input) + list(model.graph.output)}
+    for t in spec.inputs + spec.outputs:
+        value = edges.get(t.name)
+        if value is None:
+            raise ExportError(f"export: {spec.name} graph has no tensor {t.name!r}; it has {sorted(edges)}")
+        dims = value.type.tensor_type.shape.dim
+        for dim, entry in zip(dims, t.shape):
+            if isinstance(entry, int):
+                dim.dim_value = entry
+            elif isinstance(entry, str):
+                dim.dim_param = entry
+            else:
+                dim.dim_param = f"{entry[0]}*{entry[1]}"
+
+
+def _size_known(model) -> bool:
+    try:
+        model.ByteSize()
+        return True
+    except Exception:  # protobuf refuses to size messages over 2 GB
+        return False
+
+
+def _save(model, dst: Path, external: bool) -> None:
+    import onnx
+
+    data = dst.with_name(dst.name + ".data")
+    for stale in (dst, data):
+        if stale.exists():
+            os.remove(stale)
+    if external:
+        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(dst))
