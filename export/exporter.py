@@ -177,12 +177,32 @@ def _copy_assets(paths: ck.CheckpointPaths, out: Path) -> None:
         shutil.copy2(pre, out / "image_processor" / "preprocessor_config.json")
 
 
+def quiet_libraries() -> None:
+    """Keep library chatter (ONNX Runtime's optimiser, polygraphy's folding log,
+    diffusers/transformers notices and their progress bars) out of the CLI output
+    unless this package logs at INFO or below."""
+    if logging.getLogger("kolors_trt").getEffectiveLevel() <= logging.INFO:
+        return
+    import diffusers
+    import onnxruntime
+    import transformers
+    from polygraphy.logger import G_LOGGER
+
+    onnxruntime.set_default_logger_severity(3)
+    G_LOGGER.module_severity = G_LOGGER.ERROR
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def export_all(weights: Path, ip_adapter: Path, out: Path, precisions: dict,
                components: tuple = S.COMPONENTS, progress: bool = True) -> list[ExportResult]:
     """Export, validate and hash every requested component; write the manifest."""
     from tqdm import tqdm
 
     paths = ck.resolve(weights, ip_adapter)
+    quiet_libraries()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     comps = Components(paths)

@@ -258,6 +258,9 @@ def write_tiny(out: Path, preset: str = "default") -> tuple[Path, Path]:
     from transformers import CLIPImageProcessorPil as CLIPImageProcessor
 
     from . import ip_weights
+    from .exporter import quiet_libraries
+
+    quiet_libraries()
 
     if preset not in PRESETS:
         raise ValueError(f"tiny: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
