@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
+from kolors_trt.runtime.hashing import sha256_file
 from kolors_trt.runtime.spec import (
     COMPONENTS,
     DEFAULT_PRECISION,
@@ -47,14 +48,6 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FORMAT = "kolors-trt-engines/1"
 ASSET_DIRS = ("tokenizer", "scheduler")  # copied verbatim from the export folder
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_json_atomic(path: Path, data: object) -> None:

@@ -7,11 +7,36 @@ rotary cache) and the graph edges never change with precision.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@contextlib.contextmanager
+def additive_attention_masks():
+    """Hand boolean SDPA masks over as additive masks in the query's dtype.
+
+    torch.onnx's scaled_dot_product_attention symbolic turns a bool mask into an
+    fp32 additive mask (Where(mask, 0.0, -inf) with fp32 constants); the Add then
+    promotes fp16 attention, and the output projection after it, to fp32 in the
+    graph. The additive mask holds the same 0 / -inf values torch applies for a
+    bool mask, so the numbers do not change, and the graph stays fp16.
+    """
+    sdpa = F.scaled_dot_product_attention
+
+    def with_additive_mask(query, key, value, attn_mask=None, *args, **kwargs):
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros_like(attn_mask, dtype=query.dtype).masked_fill(~attn_mask, float("-inf"))
+        return sdpa(query, key, value, attn_mask, *args, **kwargs)
+
+    F.scaled_dot_product_attention = with_additive_mask
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = sdpa
 
 
 class TextEncoderGraph(nn.Module):
@@ -31,10 +56,11 @@ class TextEncoderGraph(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids):
         full_mask = self.model.get_masks(input_ids, None, padding_mask=attention_mask)  # [B, 1, L, L] bool
-        out = self.model(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-            full_attention_mask=full_mask, output_hidden_states=True, use_cache=False, return_dict=True,
-        )
+        with additive_attention_masks():
+            out = self.model(
+                input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                full_attention_mask=full_mask, output_hidden_states=True, use_cache=False, return_dict=True,
+            )
         prompt_embeds = out.hidden_states[-2].permute(1, 0, 2)  # [L, B, H] -> [B, L, H]
         pooled = out.hidden_states[-1][-1]  # [B, H]
         return prompt_embeds.float(), pooled.float()

@@ -14,7 +14,6 @@ cannot pass unnoticed.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import resource
@@ -24,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kolors_trt.runtime import spec as S
+from kolors_trt.runtime.hashing import sha256_file
 
 from . import checkpoint as ck
 from .components import ImageEncoderGraph, TextEncoderGraph, UNetGraph, VaeDecoderGraph
@@ -51,14 +51,6 @@ class ExportResult:
     export_seconds: float
     peak_rss_mb: float
     parity: Parity
-
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def peak_rss_mb() -> float:

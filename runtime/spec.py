@@ -143,7 +143,9 @@ def engine_specs(model: ModelDims = ModelDims(), profile: Profile = DEFAULT_PROF
     m, b = model, profile.batch
     lat_h, lat_w = _latent(profile.height, m), _latent(profile.width, m)
     # Under classifier-free guidance the UNet sees [uncond, cond]: 2x the images.
-    unet_b = DimRange(b.min, 2 * b.opt, 2 * b.max)
+    # A dynamic profile also admits the unguided batch (guidance <= 1); a static
+    # one (for CUDA graphs) is exactly the CFG batch.
+    unet_b = DimRange(2 * b.min if profile.is_static else b.min, 2 * b.opt, 2 * b.max)
     f32, i64 = "float32", "int64"
     L, C = m.text_length, m.latent_channels
     latent = ("unet_batch", C, "latent_height", "latent_width")
