@@ -102,15 +102,12 @@ def _profile_text(profile: dict) -> str:
 
 
 def print_summary(results, out=None) -> None:
-    out = out or sys.stdout
-    rows = [("engine", "precision", "profile (first input)", "size MB", "build s", "status")]
-    for r in results:
-        rows.append((r.component, r.precision, _profile_text(r.profile), f"{r.plan_bytes / 1e6:.1f}", f"{r.build_seconds:.1f}", r.status))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for i, row in enumerate(rows):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip(), file=out)
-        if i == 0:
-            print("  ".join("-" * w for w in widths), file=out)
+    from kolors_trt.runtime.table import markdown_table
+
+    rows = [[r.component, r.precision, _profile_text(r.profile), round(r.plan_bytes / 1e6, 1),
+             round(r.build_seconds, 1), r.status] for r in results]
+    print(markdown_table(["engine", "precision", "profile (first input)", "size MB", "build s", "status"], rows),
+          file=out or sys.stdout)
 
 
 def run_build(args: argparse.Namespace) -> int:
