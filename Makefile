@@ -16,7 +16,7 @@ IP_ADAPTER ?=
 PRECISION  ?= fp16
 TARGET     ?=
 BUILD_ARGS ?=
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2
 
 BIN    := $(VENV)/bin
 KT     := $(BIN)/kolors-trt
