@@ -1,0 +1,154 @@
+"""Caches of the runtime: prompt embeddings (memory LRU) and IP tokens (memory
+LRU plus an optional folder of ``.npy`` files that survives restarts).
+
+IP tokens are keyed by the sha256 of the image encoder's exact input (the
+preprocessed ``pixel_values`` bytes and shape) together with the identity of
+the encoder (its graph or plan sha256). Hashing the preprocessed pixels rather
+than the file bytes means: the same picture re-encoded, re-saved with other
+metadata or passed as a PIL image hits the cache; EXIF orientation, alpha
+compositing and the resize are already applied, so two inputs share a key
+exactly when the encoder would see the same tensor; and a disk folder shared by
+two models never mixes their tokens. Its cost is one decode and resize per
+request (milliseconds), far below one encoder run.
+
+Files are plain ``.npy`` read with ``allow_pickle=False``; a damaged file is
+logged, deleted and counted as a miss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Hashable, Optional
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROMPT_ITEMS = 64
+DEFAULT_IP_ITEMS = 64
+
+
+class CacheError(ValueError):
+    """A cache folder cannot be used."""
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0  # memory hits
+    disk_hits: int = 0
+    misses: int = 0
+    stores: int = 0
+
+    def as_dict(self) -> dict:
+        return {"hits": self.hits, "disk_hits": self.disk_hits, "misses": self.misses, "stores": self.stores}
+
+
+class LRUCache:
+    """A bounded mapping that forgets the least recently used entry."""
+
+    def __init__(self, max_items: int):
+        if max_items < 0:
+            raise CacheError(f"cache: max_items must be >= 0, found {max_items}")
+        self.max_items = int(max_items)
+        self._items: OrderedDict = OrderedDict()
+        self.stats = CacheStats()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._items
+
+    def get(self, key: Hashable):
+        if key in self._items:
+            self._items.move_to_end(key)
+            self.stats.hits += 1
+            return self._items[key]
+        self.stats.misses += 1
+        return None
+
+    def put(self, key: Hashable, value) -> None:
+        self.stats.stores += 1
+        self.insert(key, value)
+
+    def insert(self, key: Hashable, value) -> None:
+        """Store without counting (a value promoted from disk)."""
+        if self.max_items == 0:
+            return
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.max_items:
+            self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+def content_key(namespace: str, array: np.ndarray) -> str:
+    """sha256 over a namespace (the encoder's identity), the array's dtype, shape and bytes."""
+    a = np.ascontiguousarray(array)
+    h = hashlib.sha256()
+    h.update(namespace.encode())
+    h.update(f"|{a.dtype.str}|{a.shape}|".encode())
+    h.update(a.tobytes())
+    return h.hexdigest()
+
+
+class ArrayCache:
+    """Memory LRU of arrays by string key, backed by ``folder/{key}.npy`` when a folder is given."""
+
+    def __init__(self, max_items: int = DEFAULT_IP_ITEMS, folder: Optional[str | Path] = None):
+        self.memory = LRUCache(max_items)
+        self.folder = Path(folder) if folder is not None else None
+        if self.folder is not None:
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise CacheError(f"cache: cannot create the cache folder {self.folder} ({err}); pass a writable folder") from err
+            if not os.access(self.folder, os.W_OK):
+                raise CacheError(f"cache: the cache folder {self.folder} is not writable; pass a writable folder")
+
+    @property
+    def stats(self) -> CacheStats:
+        return self.memory.stats
+
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{key}.npy"
+
+    def get(self, key: str) -> Optional[np.ndarray]:
+        if key in self.memory:
+            return self.memory.get(key)
+        if self.folder is not None and self._path(key).is_file():
+            path = self._path(key)
+            try:
+                value = np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as err:
+                logger.warning("cache: %s is unreadable (%s); deleting it and recomputing", path, err)
+                path.unlink(missing_ok=True)
+            else:
+                self.memory.stats.disk_hits += 1
+                self.memory.insert(key, value)
+                return value
+        self.memory.stats.misses += 1
+        return None
+
+    def put(self, key: str, value: np.ndarray) -> None:
+        self.memory.put(key, value)
+        if self.folder is None:
+            return
+        path = self._path(key)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+        try:
+            np.save(tmp, np.ascontiguousarray(value), allow_pickle=False)
+            os.replace(tmp, path)  # atomic: a reader never sees half a file
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            logger.warning("cache: cannot write %s (%s); keeping the value in memory only", path, err)
+
+
+__all__ = ["ArrayCache", "CacheError", "CacheStats", "LRUCache", "content_key", "DEFAULT_IP_ITEMS", "DEFAULT_PROMPT_ITEMS"]

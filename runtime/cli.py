@@ -1,0 +1,103 @@
+"""`kolors-trt generate`: one request on an engine folder or an export folder.
+
+    kolors-trt generate --engines out/engines --image ref.png --prompt "..." --out out.png
+    kolors-trt generate --onnx out/onnx --image ref.png --prompt "..." --out out.png --steps 4
+
+Defaults of the sampling arguments are the model folder's manifest
+(``runtime.defaults``): the parser leaves them unset. Several images go to
+OUT-0.png, OUT-1.png, ...; every PNG carries its generation parameters as text
+chunks. The bench subcommand lives in its own module and registers through
+``BENCH_MODULE`` below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+from pathlib import Path
+
+from .backends import BACKENDS
+
+logger = logging.getLogger(__name__)
+
+BENCH_MODULE = "kolors_trt.runtime.bench"  # optional; defines add_subcommand(subparsers) -> None
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--engines", metavar="DIR", help="engine folder (kolors-trt build)")
+    src.add_argument("--onnx", metavar="DIR", help="export folder (kolors-trt export), run on ONNX Runtime")
+    p.add_argument("--image", help="reference image for the IP-Adapter (required unless --ip-scale 0)")
+    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--negative-prompt", default=None, help='negative prompt (default: "", encoded as diffusers does)')
+    p.add_argument("--out", required=True, help="output PNG; with --num-images N: OUT-0.png ... OUT-(N-1).png")
+    p.add_argument("--seed", type=int, default=None, help="seed of the CPU torch generator diffusers uses (default: random)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the manifest's)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the manifest's)")
+    p.add_argument("--ip-scale", type=float, default=None, help="IP-Adapter scale (default: the manifest's)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the manifest's)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the manifest's)")
+    p.add_argument("--num-images", type=int, default=1, help="images for the prompt (default 1)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="default: onnxruntime for --onnx, the build target for --engines")
+    p.add_argument("--cache-dir", default=None, help="folder caching IP tokens across runs (.npy per reference image)")
+    p.add_argument("--no-verify", action="store_true", help="skip hashing the graphs/plans against the manifest at load")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def output_paths(out: str | Path, count: int) -> list[Path]:
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        out = out.with_suffix(out.suffix + ".png") if out.suffix else out.with_suffix(".png")
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
+
+
+def run_generate(args) -> int:
+    from .pipeline import Pipeline
+    from .postprocess import save_png
+
+    folder = args.engines or args.onnx
+    backend = args.backend
+    if args.onnx and backend == "auto":
+        backend = "onnxruntime"
+    pipe = Pipeline.load(folder, backend=backend, cache_dir=args.cache_dir, verify=not args.no_verify)
+    result = pipe.generate(
+        args.prompt,
+        ip_adapter_image=args.image,
+        negative_prompt=args.negative_prompt,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        ip_adapter_scale=args.ip_scale,
+        seed=args.seed,
+        num_images_per_prompt=args.num_images,
+        progress=not args.no_progress,
+    )
+    params = dict(result.parameters, image=args.image)
+    paths = output_paths(args.out, len(result.images))
+    for i, (image, path) in enumerate(zip(result.images, paths)):
+        save_png(image, path, dict(params, index=i))
+        print(f"wrote {path} ({image.width}x{image.height}, seed {params['seed']})")
+    runs = pipe.stats()["engine_runs"]
+    print("engine runs: " + ", ".join(f"{k} {v}" for k, v in runs.items()))
+    return 0
+
+
+def add_subcommands(subparsers) -> None:
+    """Register `generate` (and `bench` when its module is installed) on the kolors-trt CLI."""
+    p = subparsers.add_parser("generate", help="generate images on an engine folder or an export folder")
+    add_generate_arguments(p)
+    p.set_defaults(run=run_generate)
+    try:
+        bench = importlib.import_module(BENCH_MODULE)
+    except ModuleNotFoundError as err:
+        if err.name != BENCH_MODULE:
+            raise
+        return
+    bench.add_subcommand(subparsers)
+
+
+__all__ = ["add_subcommands", "add_generate_arguments", "output_paths", "run_generate", "BENCH_MODULE"]

@@ -1,0 +1,31 @@
+"""runtime/noise.py: torch.randn of a seeded CPU generator, bit for bit, without torch."""
+
+import numpy as np
+import pytest
+
+from kolors_trt.runtime.noise import NoiseError, torch_randn
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.mark.parametrize(
+    "seed, shape",
+    [(0, (1, 4, 8, 8)), (42, (2, 4, 12, 8)), (7, (1, 4, 128, 128)), (3, (40,)), (5, (1000,)), (2**40 + 3, (1, 4, 8, 8)),
+     (2**64 - 1, (17,)), (123, (4, 4, 96, 64))],
+)
+def test_bit_exact_with_torch(seed, shape):
+    want = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).numpy()
+    got = torch_randn(shape, seed)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, 1.5, True, "3"])
+def test_bad_seed(seed):
+    with pytest.raises(NoiseError, match="seed"):
+        torch_randn((1, 4, 8, 8), seed)
+
+
+def test_too_small():
+    with pytest.raises(NoiseError, match="elements"):
+        torch_randn((3, 5), 0)
