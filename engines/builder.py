@@ -25,6 +25,7 @@ from kolors_trt.runtime.spec import COMPONENTS, DEFAULT_PROFILE, EngineSpec, Pro
 from .errors import EngineBuildError, ExportFolderError
 from .manifest import (
     ASSET_DIRS,
+    OPTIONAL_ASSET_DIRS,
     MANIFEST,
     ExportComponent,
     cache_key,
@@ -113,7 +114,7 @@ def build_engines(
     specs = engine_specs(export.model_dims, profile)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = _start_manifest(out, tgt, trt, export.model_dims, profile, specs)
+    manifest = _start_manifest(out, tgt, trt, export.model_dims, profile, specs, export.runtime)
     _copy_assets(export.root, out)
     if timing_cache is not None and not tgt.uses_timing_cache:
         log.warning("target %s ignores the timing cache %s (no effect on its plans; it would need a GPU)", tgt.name, timing_cache)
@@ -237,11 +238,12 @@ def _result(name: str, status: str, plan: Path, spec: EngineSpec, entry: dict) -
     return BuildResult(name, status, plan, entry["precision"], profile_json(spec), entry["plan_bytes"], entry["build_seconds"])
 
 
-def _start_manifest(out: Path, tgt: Target, trt: ModuleType, model_dims, profile: Profile, specs: dict) -> dict:
+def _start_manifest(out: Path, tgt: Target, trt: ModuleType, model_dims, profile: Profile, specs: dict,
+                    runtime: dict) -> dict:
     """The new manifest, keeping the old entries that still fit this build (same
     builder and spec); plans of entries that do not fit are removed."""
     old = read_engine_manifest(out) or {"engines": {}}
-    manifest = new_engine_manifest(tgt.name, model_dims, profile)
+    manifest = new_engine_manifest(tgt.name, model_dims, profile, runtime)
     for name, entry in old["engines"].items():
         fits = (
             name in specs
@@ -264,6 +266,9 @@ def _copy_assets(src: Path, out: Path) -> None:
                 f"engines: {src / d} is missing; the engine folder must carry it (re-run kolors-trt export)"
             )
         shutil.copytree(src / d, out / d, dirs_exist_ok=True)
+    for d in OPTIONAL_ASSET_DIRS:
+        if (src / d).is_dir():
+            shutil.copytree(src / d, out / d, dirs_exist_ok=True)
 
 
 @functools.lru_cache(maxsize=None)

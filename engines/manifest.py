@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FORMAT = "kolors-trt-engines/1"
 ASSET_DIRS = ("tokenizer", "scheduler")  # copied verbatim from the export folder
+# Copied when present: without it the runtime takes the CLIP settings from the manifest's runtime constants.
+OPTIONAL_ASSET_DIRS = ("image_processor",)
 
 
 def write_json_atomic(path: Path, data: object) -> None:
@@ -83,6 +85,7 @@ class ExportFolder:
     root: Path
     model_dims: ModelDims
     components: dict  # name -> ExportComponent
+    runtime: dict = field(default_factory=dict)  # export manifest "runtime": constants the pipeline needs
 
 
 def read_export_folder(root: Path) -> ExportFolder:
@@ -114,7 +117,7 @@ def read_export_folder(root: Path) -> ExportFolder:
         if c.get("external_data") and not data.is_file():
             raise ExportFolderError(f"engines: {path} lists {data.name} as {name}'s external data, which is missing; re-run kolors-trt export")
         comps[name] = ExportComponent(name, onnx, data if data.is_file() else None, precision)
-    return ExportFolder(root, model_dims_from_json(m["model_dims"]), comps)
+    return ExportFolder(root, model_dims_from_json(m["model_dims"]), comps, dict(m.get("runtime") or {}))
 
 
 # ---- engine folder ----------------------------------------------------------------------------
@@ -136,8 +139,9 @@ def read_engine_manifest(folder: Path) -> Optional[dict]:
     return m
 
 
-def new_engine_manifest(target: str, model_dims: ModelDims, profile) -> dict:
-    return {"format": FORMAT, "target": target, "model_dims": to_json(model_dims), "profile": to_json(profile), "engines": {}}
+def new_engine_manifest(target: str, model_dims: ModelDims, profile, runtime: Mapping) -> dict:
+    return {"format": FORMAT, "target": target, "model_dims": to_json(model_dims), "profile": to_json(profile),
+            "runtime": dict(runtime), "engines": {}}
 
 
 def plan_problems(folder: Path, name: str, entry: Mapping) -> list[str]:

@@ -27,6 +27,7 @@ Only a single string prompt is supported (diffusers also takes lists).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import secrets
@@ -94,6 +95,8 @@ class Pipeline:
         self.runtime = folder.runtime
         self.defaults = dict(folder.runtime.get("defaults", {}))
         self._ip_namespace = f"image_encoder:{folder.identity('image_encoder')}"
+        # Optional stage -> context manager (the benchmark's timers); None costs nothing.
+        self.stage_timer = None
         # Model constants: the unconditional branch of every request.
         self.empty_negative = self._run_text_encoder("")  # (prompt_embeds [1, L, D], pooled [1, D])
         if self.runtime.get("force_zeros_for_empty_prompt", False):
@@ -125,8 +128,12 @@ class Pipeline:
 
     # ---- encoders ----------------------------------------------------------------------------
 
+    def _stage(self, name: str):
+        return self.stage_timer(name) if self.stage_timer is not None else contextlib.nullcontext()
+
     def _run_text_encoder(self, text: str) -> tuple:
-        out = self.engines["text_encoder"].run(self.tokenizer([text]))
+        with self._stage("text_encoder"):
+            out = self.engines["text_encoder"].run(self.tokenizer([text]))
         return out["prompt_embeds"], out["pooled"]  # [1, L, D], [1, D]
 
     def encode_prompt(self, text: str) -> tuple:
@@ -158,7 +165,8 @@ class Pipeline:
         key = content_key(self._ip_namespace, pixel_values)
         tokens = self.ip_cache.get(key)
         if tokens is None:
-            tokens = self.engines["image_encoder"].run({"pixel_values": pixel_values})["ip_tokens"]
+            with self._stage("image_encoder"):
+                tokens = self.engines["image_encoder"].run({"pixel_values": pixel_values})["ip_tokens"]
             self.ip_cache.put(key, tokens)
         return tokens
 
@@ -309,7 +317,7 @@ class Pipeline:
     def _denoise(self, x, conditioning, scheduler, guidance, do_cfg, progress) -> np.ndarray:
         from tqdm import tqdm
 
-        with tqdm(total=len(scheduler), desc="denoise", unit="step", disable=not progress) as bar:
+        with tqdm(total=len(scheduler), desc="denoise", unit="step", disable=not progress) as bar, self._stage("denoise"):
             on_step = lambda i: bar.update()  # noqa: E731
             if self.backend == "onnxruntime":
                 return B.denoise_numpy(self.engines["unet"], x, conditioning, scheduler, guidance, do_cfg, on_step)
@@ -319,6 +327,10 @@ class Pipeline:
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Final latents -> VAE output float32 [B, 3, H, W] in about [-1, 1]."""
+        with self._stage("vae_decoder"):
+            return self._decode(latents)
+
+    def _decode(self, latents: np.ndarray) -> np.ndarray:
         scaled = latents / np.float32(self.runtime["vae_scaling_factor"])
         shift = self.runtime.get("vae_shift_factor")
         if shift is not None:
