@@ -6,23 +6,19 @@
 Defaults of the sampling arguments are the model folder's manifest
 (``runtime.defaults``): the parser leaves them unset. Several images go to
 OUT-0.png, OUT-1.png, ...; every PNG carries its generation parameters as text
-chunks. The bench subcommand lives in its own module and registers through
-``BENCH_MODULE`` below.
+chunks. (`bench` lives in the top-level package: its diffusers baseline is no
+runtime dependency.)
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 from pathlib import Path
 
 from .backends import BACKENDS
 
 logger = logging.getLogger(__name__)
-
-BENCH_MODULE = "kolors_trt.runtime.bench"  # optional; defines add_subcommand(subparsers) -> None
-
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
@@ -87,17 +83,10 @@ def run_generate(args) -> int:
 
 
 def add_subcommands(subparsers) -> None:
-    """Register `generate` (and `bench` when its module is installed) on the kolors-trt CLI."""
+    """Register `generate` on the kolors-trt CLI."""
     p = subparsers.add_parser("generate", help="generate images on an engine folder or an export folder")
     add_generate_arguments(p)
     p.set_defaults(run=run_generate)
-    try:
-        bench = importlib.import_module(BENCH_MODULE)
-    except ModuleNotFoundError as err:
-        if err.name != BENCH_MODULE:
-            raise
-        return
-    bench.add_subcommand(subparsers)
 
 
-__all__ = ["add_subcommands", "add_generate_arguments", "output_paths", "run_generate", "BENCH_MODULE"]
+__all__ = ["add_subcommands", "add_generate_arguments", "output_paths", "run_generate"]

@@ -1,0 +1,87 @@
+"""The latency benchmark on the tiny default (ONNX Runtime, CPU): it completes, the
+JSON holds every field with positive numbers, the diffusers ratio comes from the
+same run's samples, and the plot is a PNG. No timing thresholds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from kolors_trt import bench as B
+
+
+@pytest.fixture(scope="module")
+def bench_run(onnx_fp32, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, "-m", "kolors_trt", "bench", "--onnx", str(onnx_fp32), "--size", "64x96", "--steps", "2",
+           "--warmup", "1", "--runs", "3", "--baseline", "diffusers", "--json", str(out / "bench.json"),
+           "--plot", str(out / "bench.png")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout, json.loads((out / "bench.json").read_text()), out / "bench.png"
+
+
+def test_json_has_every_field_with_positive_numbers(bench_run):
+    _, result, _ = bench_run
+    assert result["config"] == {"height": 64, "width": 96, "steps": 2, "warmup": 1, "runs": 3,
+                                "guidance_scale": 5.0, "ip_adapter_scale": 0.5, "seed": 0}
+    env = result["environment"]
+    assert env["backend"] == "onnxruntime" and env["onnxruntime"] and env["torch"] and env["cpu"]
+    assert result["clock"]["kolors-trt"] == "perf_counter"
+    for who in ("kolors-trt", "diffusers"):
+        samples = result[who]["samples"]
+        for stage in ("text_encoder", "image_encoder", "denoise_step", "vae_decoder", "end_to_end"):
+            assert len(samples[stage]) == 3 and all(x > 0 for x in samples[stage]), (who, stage)
+        summary = result[who]["summary"]
+        assert summary["images_per_second"] > 0
+        e2e = summary["end_to_end"]
+        assert 0 < e2e["p50"] <= e2e["p90"] <= e2e["p99"]
+    assert all(x > 0 for x in result["kolors-trt"]["samples"]["image_cached"])
+    assert result["peak_rss_mb"] > 0
+    assert set(result["engine_bytes"]) == {"text_encoder", "image_encoder", "unet", "vae_decoder"}
+    assert all(v > 0 for v in result["engine_bytes"].values())
+
+
+def test_ratio_is_computed_from_the_same_run(bench_run):
+    _, result, _ = bench_run
+    for stage, ratio in result["speedup_vs_diffusers"].items():
+        ours = np.mean(result["kolors-trt"]["samples"][stage])
+        theirs = np.mean(result["diffusers"]["samples"][stage])
+        assert ratio == pytest.approx(theirs / ours, rel=1e-9)
+    assert "end_to_end" in result["speedup_vs_diffusers"]
+
+
+def test_request_accounting(bench_run):
+    """Each measured request ran the text and image encoders once (new prompt, new
+    image) and the cached path never did; host time is what the stages leave."""
+    _, result, _ = bench_run
+    runs = result["stats"]["engine_runs"]
+    requests = 1 + 3
+    assert runs["text_encoder"] == 1 + requests  # the empty negative at load + one per request
+    assert runs["image_encoder"] == 1 + requests  # the zero image at load + one per new image
+    assert runs["unet"] == 2 * requests and runs["vae_decoder"] == requests
+    s = result["kolors-trt"]["samples"]
+    for i in range(3):
+        parts = s["text_encoder"][i] + s["image_encoder"][i] + 2 * s["denoise_step"][i] + s["vae_decoder"][i]
+        assert s["host"][i] == pytest.approx(s["end_to_end"][i] - parts, abs=1e-9)
+
+
+def test_markdown_and_plot(bench_run):
+    stdout, _, png = bench_run
+    assert "| stage" in stdout and "speed-up" in stdout and "perf_counter" in stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.size[0] > 100 and im.size[1] > 100
+
+
+def test_bad_settings():
+    with pytest.raises(B.BenchError):
+        B.BenchConfig(64, 64, steps=0, warmup=0, runs=1)
+    with pytest.raises(B.BenchError):
+        B.BenchConfig(64, 64, steps=2, warmup=0, runs=0)
