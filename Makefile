@@ -32,12 +32,13 @@ else
   NEED_TINY :=
 endif
 
-.PHONY: setup engines onnx test bench clean help
+.PHONY: setup engines onnx test bench clean help fullsize-check
 
 help:
 	@echo "make engines   checkpoint (WEIGHTS, IP_ADAPTER; tiny default) -> $(OUT)/onnx -> $(OUT)/engines"
 	@echo "make test      run the test suite (CPU)"
 	@echo "make bench     latency benchmark on $(OUT)/onnx (tiny default, ONNX Runtime)"
+	@echo "make fullsize-check  random weights at the real Kolors sizes -> export, validate, build; measured (FULLSIZE_DIR, ~60 GB)"
 
 setup: $(STAMP)
 
@@ -64,6 +65,15 @@ test: $(STAMP)
 
 bench: onnx
 	$(KT) bench --onnx $(OUT)/onnx --json $(OUT)/bench.json --plot $(OUT)/bench.png
+
+# Not part of `make test`: writes ~19 GB of random fp16 weights at the real sizes into
+# FULLSIZE_DIR, then exports, validates and builds each component in its own process
+# and writes FULLSIZE_DIR/fullsize-check.{md,json} (seconds, peak RSS, bytes, errors).
+FULLSIZE_DIR  ?= $(OUT)/fullsize
+FULLSIZE_ARGS ?=
+
+fullsize-check: $(STAMP)
+	nice -n 19 $(BIN)/python -m kolors_trt.export.fullsize check --out $(FULLSIZE_DIR) $(FULLSIZE_ARGS)
 
 clean:
 	rm -rf $(OUT)

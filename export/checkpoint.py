@@ -106,40 +106,40 @@ def _load(what: str, folder: Path, loader):
                               f"{str(exc)[:300]}); the files are missing or corrupt") from exc
 
 
-def load_text_encoder(paths: CheckpointPaths):
+def load_text_encoder(paths: CheckpointPaths, dtype: str = "float32"):
     import torch
     from diffusers.pipelines.kolors.text_encoder import ChatGLMModel
 
     folder = paths.text_encoder
     return _load("text encoder (ChatGLM)", folder, lambda: ChatGLMModel.from_pretrained(
-        folder, torch_dtype=torch.float32, variant=_variant(folder)).eval())
+        folder, torch_dtype=getattr(torch, dtype), variant=_variant(folder)).eval())
 
 
-def load_unet(paths: CheckpointPaths):
+def load_unet(paths: CheckpointPaths, dtype: str = "float32"):
     import torch
     from diffusers import UNet2DConditionModel
 
     folder = paths.unet
     return _load("UNet", folder, lambda: UNet2DConditionModel.from_pretrained(
-        folder, torch_dtype=torch.float32, variant=_variant(folder)).eval())
+        folder, torch_dtype=getattr(torch, dtype), variant=_variant(folder)).eval())
 
 
-def load_vae(paths: CheckpointPaths):
+def load_vae(paths: CheckpointPaths, dtype: str = "float32"):
     import torch
     from diffusers import AutoencoderKL
 
     folder = paths.vae
     return _load("VAE", folder, lambda: AutoencoderKL.from_pretrained(
-        folder, torch_dtype=torch.float32, variant=_variant(folder)).eval())
+        folder, torch_dtype=getattr(torch, dtype), variant=_variant(folder)).eval())
 
 
-def load_image_encoder(paths: CheckpointPaths):
+def load_image_encoder(paths: CheckpointPaths, dtype: str = "float32"):
     import torch
     from transformers import CLIPVisionModelWithProjection
 
     folder = paths.image_encoder
     return _load("image encoder (CLIP vision)", folder, lambda: CLIPVisionModelWithProjection.from_pretrained(
-        folder, torch_dtype=torch.float32).eval())
+        folder, torch_dtype=getattr(torch, dtype)).eval())
 
 
 def load_ip_adapter(paths: CheckpointPaths, unet):

@@ -19,6 +19,10 @@ logger = logging.getLogger(__name__)
 
 OPSET = 17
 TWO_GB = 2**31 - 1
+# Modules whose weights exceed this take the streaming path (`stream_save`): the
+# in-memory cleanup below holds the proto's weights two or three times over.
+LARGE_MODULE_BYTES = 2**30
+ALIGN = 4096  # external-data offsets page-aligned, so a runtime may mmap them
 
 
 class ExportError(RuntimeError):
@@ -58,11 +62,22 @@ def sample_inputs(spec: S.EngineSpec, values: dict, seed: int = 0) -> dict:
     return feeds
 
 
-def export_onnx(module, spec: S.EngineSpec, values: dict, path: Path) -> None:
+def module_bytes(module) -> int:
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def export_onnx(module, spec: S.EngineSpec, values: dict, path: Path, streaming: bool | None = None) -> None:
     """Trace `module` at the dims `values` and write a cleaned graph to `path`
-    (with one external-data file `path.data` when it is over 2 GB)."""
+    (with one external-data file `path.data` when it is over 2 GB).
+
+    streaming (default: when the weights exceed LARGE_MODULE_BYTES): trace without
+    constant folding, which would copy every transposed Linear weight, then
+    `stream_save` the graph; peak memory stays near the module's own weights."""
     import torch
 
+    if streaming is None:
+        streaming = module_bytes(module) > LARGE_MODULE_BYTES
     feeds = sample_inputs(spec, values)
     args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
     path = Path(path)
@@ -74,11 +89,84 @@ def export_onnx(module, spec: S.EngineSpec, values: dict, path: Path) -> None:
                 warnings.simplefilter("ignore")  # tracer warnings about Python-level shape logic
                 torch.onnx.export(
                     module, args, str(raw), input_names=spec.input_names, output_names=spec.output_names,
-                    dynamic_axes=S.dynamic_axes(spec), opset_version=OPSET, do_constant_folding=True, dynamo=False,
+                    dynamic_axes=S.dynamic_axes(spec), opset_version=OPSET, do_constant_folding=not streaming,
+                    dynamo=False,
                 )
         except Exception as exc:
             raise ExportError(f"export: tracing {spec.name} failed ({type(exc).__name__}: {exc})") from exc
-        cleanup(raw, path, spec)
+        (stream_save if streaming else cleanup)(raw, path, spec)
+
+
+def stream_save(src: Path, dst: Path, spec: S.EngineSpec) -> None:
+    """Rewrite a traced graph of any size with one tensor in memory at a time.
+
+    The proto is read without its weights (the TorchScript exporter writes a graph
+    over 2 GB as one file per tensor next to it). Each initializer is then read,
+    a Transpose whose only input it is gets folded into it (what the exporter's
+    constant folding would have done, without a second copy of every Linear
+    weight), and it is appended to `dst.data` at a page-aligned offset. Polygraphy
+    folding and in-memory shape inference cannot hold a >2 GB proto; shape
+    inference runs on the file instead.
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src), load_external_data=False)
+    graph = model.graph
+    inits = {t.name for t in graph.initializer}
+    uses: dict = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    outputs = {o.name for o in graph.output}
+    fold = {}  # initializer -> (Transpose node, perm)
+    for node in graph.node:
+        if node.op_type == "Transpose" and node.input[0] in inits and uses[node.input[0]] == 1 \
+                and node.input[0] not in outputs:
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            fold[node.input[0]] = (node, perm)
+    data = dst.with_name(dst.name + ".data")
+    for stale in (dst, data):
+        if stale.exists():
+            os.remove(stale)
+    new_inits = []
+    with open(data, "wb") as f:
+        for init in graph.initializer:
+            if init.name not in uses and init.name not in outputs:
+                continue  # unused (e.g. a weight only the folded path read)
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(init)  # to_array loads external data into the proto: keep it off the graph
+            array = numpy_helper.to_array(tensor, base_dir=str(src.parent))
+            del tensor
+            name = init.name
+            if name in fold:
+                node, perm = fold[name]
+                array = np.ascontiguousarray(array.transpose(perm))  # perm None: reverse, like ONNX
+                name = node.output[0]
+            if array.nbytes < 1024:
+                new_inits.append(numpy_helper.from_array(array, name))
+                continue
+            offset = f.tell()
+            offset += -offset % ALIGN
+            f.seek(offset)
+            f.write(np.ascontiguousarray(array).tobytes())
+            out = onnx.TensorProto(name=name, data_type=init.data_type, dims=array.shape)
+            out.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(array.nbytes))):
+                entry = out.external_data.add()
+                entry.key, entry.value = key, value
+            new_inits.append(out)
+            del array
+    folded = {node.output[0] for node, _ in fold.values()}
+    nodes = [n for n in graph.node if not (n.op_type == "Transpose" and n.output[0] in folded)]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(new_inits)
+    name_dims(model, spec)
+    onnx.save_model(model, str(dst))
+    onnx.shape_inference.infer_shapes_path(str(dst), str(dst))
 
 
 def cleanup(src: Path, dst: Path, spec: S.EngineSpec) -> None:

@@ -21,9 +21,14 @@ from kolors_trt.runtime import spec as S
 
 
 def _tiny(args) -> int:
-    from kolors_trt.export.tiny import write_tiny
+    if args.full_size:
+        from kolors_trt.export.fullsize import write_streaming
 
-    kolors, ip = write_tiny(Path(args.out), args.preset)
+        kolors, ip = write_streaming(Path(args.out))
+    else:
+        from kolors_trt.export.tiny import write_tiny
+
+        kolors, ip = write_tiny(Path(args.out), args.preset)
     print(f"wrote {kolors} (Kolors-diffusers layout) and {ip} (IP-Adapter-Plus layout)")
     return 0
 
@@ -59,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tiny", help="write a tiny random-weight Kolors + IP-Adapter-Plus checkpoint")
     p.add_argument("out", help="output folder; gets kolors/ and ip/")
     p.add_argument("--preset", default="default", choices=["default", "alt"], help="model sizes (default: default)")
+    p.add_argument("--full-size", action="store_true",
+                   help="the real Kolors sizes instead (random fp16 weights, ~19 GB on disk, streamed: little memory)")
     p.set_defaults(run=_tiny)
 
     p = sub.add_parser("export", help="export the four components to validated ONNX")
