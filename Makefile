@@ -17,6 +17,8 @@ PRECISION  ?= fp16
 TARGET     ?=
 BUILD_ARGS ?=
 PYTEST_ARGS ?= -n 2
+# The tiny default benchmarks at a small size; real checkpoints: BENCH_ARGS="--size 1024x1024 --steps 50"
+BENCH_ARGS ?= --size 256x256 --steps 10 --warmup 1 --runs 5 --baseline diffusers
 
 BIN    := $(VENV)/bin
 KT     := $(BIN)/kolors-trt
@@ -64,7 +66,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: onnx
-	$(KT) bench --onnx $(OUT)/onnx --json $(OUT)/bench.json --plot $(OUT)/bench.png
+	$(KT) bench --onnx $(OUT)/onnx $(BENCH_ARGS) --json $(OUT)/bench.json --plot $(OUT)/bench.png
 
 # Not part of `make test`: writes ~19 GB of random fp16 weights at the real sizes into
 # FULLSIZE_DIR, then exports, validates and builds each component in its own process
@@ -77,3 +79,31 @@ fullsize-check: $(STAMP)
 
 clean:
 	rm -rf $(OUT)
+
+# GPU hosts (NVIDIA GPU, data-center TensorRT): the benchmark recipe at the reference
+# settings, 1024x1024 and 50 steps. With WEIGHTS/IP_ADAPTER it uses the real checkpoint;
+# without, random weights at the real sizes (compute does not depend on weight values).
+#   make setup TORCH_SPEC=torch EXTRAS=export,test,tensorrt,bench    # CUDA torch + TensorRT
+#   make bench-gpu WEIGHTS=/models/Kolors-diffusers IP_ADAPTER=/models/Kolors-IP-Adapter-Plus
+GPU_OUT    ?= $(OUT)/gpu
+GPU_RUNS   ?= --warmup 2 --runs 10
+ifeq ($(strip $(WEIGHTS)),)
+  GPU_W  := $(GPU_OUT)/weights/kolors
+  GPU_IP := $(GPU_OUT)/weights/ip
+else
+  GPU_W  := $(WEIGHTS)
+  GPU_IP := $(IP_ADAPTER)
+endif
+
+.PHONY: bench-gpu
+bench-gpu: $(STAMP)
+	test -n "$(strip $(WEIGHTS))" || test -f $(GPU_W)/model_index.json || $(KT) tiny --full-size $(GPU_OUT)/weights
+	$(KT) export --weights "$(GPU_W)" --ip-adapter "$(GPU_IP)" --out $(GPU_OUT)/onnx
+	$(KT) build --onnx $(GPU_OUT)/onnx --out $(GPU_OUT)/engines-static --target tensorrt --static --size 1024x1024 --batch 1:1:1
+	$(KT) build --onnx $(GPU_OUT)/onnx --out $(GPU_OUT)/engines-dynamic --target tensorrt
+	$(KT) bench --engines $(GPU_OUT)/engines-static --size 1024x1024 --steps 50 $(GPU_RUNS) --cuda-graph on \
+		--baseline diffusers --json $(GPU_OUT)/bench-static-graphs.json --plot $(GPU_OUT)/bench-static-graphs.png
+	$(KT) bench --engines $(GPU_OUT)/engines-static --size 1024x1024 --steps 50 $(GPU_RUNS) --cuda-graph off \
+		--json $(GPU_OUT)/bench-static.json --plot $(GPU_OUT)/bench-static.png
+	$(KT) bench --engines $(GPU_OUT)/engines-dynamic --size 1024x1024 --steps 50 $(GPU_RUNS) \
+		--json $(GPU_OUT)/bench-dynamic.json --plot $(GPU_OUT)/bench-dynamic.png

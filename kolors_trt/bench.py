@@ -127,13 +127,15 @@ def reference_images(count: int, seed: int = 0):
     return [Image.fromarray(np.roll(base, 7 * i, axis=1) ^ np.uint8(i)) for i in range(count)]
 
 
-def bench_runtime(folder: Path, backend: str, config: BenchConfig, progress: bool = True) -> tuple[Samples, dict]:
-    """Measure the runtime; returns (samples, facts such as engine bytes and memory)."""
+def bench_runtime(folder: Path, backend: str, config: BenchConfig, cuda_graph: Optional[bool] = None,
+                  progress: bool = True) -> tuple[Samples, dict]:
+    """Measure the runtime; returns (samples, facts such as engine bytes and memory).
+    cuda_graph (TensorRT backends): None = when the engine profile is static."""
     from tqdm import tqdm
 
     from kolors_trt.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(folder, backend=backend)
+    pipe = Pipeline.load(folder, backend=backend, cuda_graph=cuda_graph)
     unet = pipe.engines["unet"]
     clock = Clock(getattr(unet, "stream", None) if pipe.backend != "onnxruntime" else None)
     samples = Samples(clock.name)
@@ -169,6 +171,7 @@ def bench_runtime(folder: Path, backend: str, config: BenchConfig, progress: boo
     pipe.stage_timer = None
     facts = {
         "backend": pipe.backend,
+        "cuda_graph": bool(getattr(unet, "cuda_graph", False)),
         "engine_bytes": {name: Path(path).stat().st_size for name, path in pipe.folder.files.items()},
         "stats": pipe.stats(),
         "device_memory_mb": _device_memory_mb() if clock.stream is not None else None,

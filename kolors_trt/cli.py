@@ -55,6 +55,42 @@ def _export(args) -> int:
     return 0
 
 
+def _size(text: str) -> tuple[int, int]:
+    h, sep, w = text.lower().partition("x")
+    if not sep or not h.isdigit() or not w.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 1024x1024, got {text!r}")
+    return int(h), int(w)
+
+
+def _bench(args) -> int:
+    import json
+
+    from kolors_trt import bench as B
+
+    folder = Path(args.engines or args.onnx)
+    manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").is_file() else {}
+    defaults = manifest.get("runtime", {}).get("defaults", {})
+    height, width = args.size or (defaults.get("height", 1024), defaults.get("width", 1024))
+    config = B.BenchConfig(height, width, args.steps or defaults.get("num_inference_steps", 50), args.warmup,
+                           args.runs)
+    cuda_graph = {"auto": None, "on": True, "off": False}[args.cuda_graph]
+    samples, facts = B.bench_runtime(folder, args.backend, config, cuda_graph)
+    baseline = None
+    if args.baseline == "diffusers":
+        source = manifest.get("source", {})
+        weights, ip = args.weights or source.get("weights"), args.ip_adapter or source.get("ip_adapter")
+        if not weights or not ip:
+            raise B.BenchError(f"bench: the diffusers baseline needs the checkpoint; {folder}/manifest.json names "
+                               "none, pass --weights and --ip-adapter")
+        device = args.device or ("cpu" if facts["backend"] == "onnxruntime" else "cuda")
+        dtype = args.baseline_dtype or ("fp32" if device == "cpu" else "fp16")
+        baseline = B.bench_diffusers(Path(weights), Path(ip), config, device, dtype)
+    result = B.report(config, samples, facts, baseline, B.environment(facts["backend"]))
+    print(B.markdown(result))
+    B.write_outputs(result, args.json, args.plot)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kolors-trt", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,6 +123,26 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser("build", help="build TensorRT / TensorRT-RTX engines from an export folder")
         engines_cli.add_build_arguments(p)
         p.set_defaults(run=engines_cli.run_build)
+
+    p = sub.add_parser("bench", help="latency benchmark per stage, optionally against diffusers")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--engines", help="engine folder (TensorRT / TensorRT-RTX)")
+    src.add_argument("--onnx", help="export folder (ONNX Runtime)")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "tensorrt-rtx"])
+    p.add_argument("--size", type=_size, help="HEIGHTxWIDTH (default: the manifest's, 1024x1024)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the manifest's, 50)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up requests, excluded (default 1)")
+    p.add_argument("--runs", type=int, default=5, help="measured requests (default 5)")
+    p.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto",
+                   help="TensorRT: capture each denoising step in a CUDA graph (auto: when the profile is static)")
+    p.add_argument("--baseline", choices=["diffusers"], help="also run diffusers' KolorsPipeline on the same checkpoint")
+    p.add_argument("--weights", help="checkpoint for the baseline (default: the manifest's source)")
+    p.add_argument("--ip-adapter", help="IP-Adapter folder for the baseline (default: the manifest's source)")
+    p.add_argument("--device", help="baseline device (default: cpu for ONNX Runtime, cuda for engines)")
+    p.add_argument("--baseline-dtype", choices=["fp16", "fp32"], help="default fp32 on cpu, fp16 on cuda")
+    p.add_argument("--json", help="write every raw sample, the environment and the configuration here")
+    p.add_argument("--plot", help="write a PNG of per-stage time here")
+    p.set_defaults(run=_bench)
 
     try:
         from kolors_trt.runtime import cli as runtime_cli
