@@ -10,7 +10,6 @@ engine, so an interrupted build keeps the engines it finished.
 from __future__ import annotations
 
 import datetime
-import functools
 import logging
 import os
 import shutil
@@ -20,6 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Optional, Sequence
 
+from kolors_trt.runtime.trt_logger import trt_logger
 from kolors_trt.runtime.spec import COMPONENTS, DEFAULT_PROFILE, EngineSpec, Profile, engine_specs, spec_hash, trt_profile
 
 from .errors import EngineBuildError, ExportFolderError
@@ -120,15 +120,18 @@ def build_engines(
         log.warning("target %s ignores the timing cache %s (no effect on its plans; it would need a GPU)", tgt.name, timing_cache)
         timing_cache = None
 
-    logger = _make_logger(trt)
+    logger = trt_logger(trt)
     builder = trt.Builder(logger)
     results = []
     for name in tqdm(list(components), desc="engines", unit="engine", disable=len(components) < 2):
         comp = export.components[name]
         config = builder.create_builder_config()
         ccs = tuple(tgt.set_compute_capabilities(trt, config, compute_capabilities))
-        # TF32 only matters for fp32 graphs (the VAE); fp16 graphs keep their few fp32 islands exact.
-        opts = _Options(opt_level, workspace_gib, refit_unet and name == "unet", comp.precision == "fp32", ccs)
+        # TensorRT allows TF32 by default. Only the fp32 VAE may use it; elsewhere it is
+        # cleared, so fp16 graphs keep their fp32 islands exact and a component exported
+        # at fp32 for accuracy gets fp32 math.
+        tf32 = name == "vae_decoder" and comp.precision == "fp32"
+        opts = _Options(opt_level, workspace_gib, refit_unet and name == "unet", tf32, ccs)
         results.append(_build_one(trt, tgt, builder, logger, config, comp, specs[name], out, manifest, opts, timing_cache, force))
         write_json_atomic(out / MANIFEST, manifest)
     return results
@@ -211,8 +214,7 @@ def _configure(trt: ModuleType, tgt: Target, builder, config, network, spec: Eng
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(opts.workspace_gib * (1 << 30)))
     if opts.refit:
         config.set_flag(trt.BuilderFlag.REFIT)
-    if opts.tf32:
-        tgt.allow_tf32(trt, config)
+    tgt.set_tf32(trt, config, opts.tf32)
     if timing_cache is not None:
         # TensorRT only (Target.uses_timing_cache); not exercised on the CPU-only CI.
         blob = Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""
@@ -269,30 +271,3 @@ def _copy_assets(src: Path, out: Path) -> None:
     for d in OPTIONAL_ASSET_DIRS:
         if (src / d).is_dir():
             shutil.copytree(src / d, out / d, dirs_exist_ok=True)
-
-
-@functools.lru_cache(maxsize=None)
-def _make_logger(trt: ModuleType):
-    """A TensorRT ILogger that forwards to this module's logging. One per process
-    and package: TensorRT keeps the first logger a builder registers and ignores
-    later ones (it warns), so this one must stay alive."""
-    levels = {
-        trt.ILogger.Severity.INTERNAL_ERROR: logging.CRITICAL,
-        trt.ILogger.Severity.ERROR: logging.ERROR,
-        trt.ILogger.Severity.WARNING: logging.WARNING,
-        trt.ILogger.Severity.INFO: logging.DEBUG,  # TensorRT's INFO is chatty
-        trt.ILogger.Severity.VERBOSE: logging.DEBUG,
-    }
-    builder_log = logging.getLogger(f"{__name__}.{trt.__name__}")
-
-    class _Logger(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-
-        def log(self, severity, msg):
-            level = levels.get(severity, logging.INFO)
-            if "has Int64 binding" in msg:
-                level = logging.DEBUG  # token ids are int64 by contract (runtime/spec.py); not news
-            builder_log.log(level, "%s", msg)
-
-    return _Logger()

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from kolors_trt.runtime.spec import COMPONENTS, KOLORS_SIZES, DimRange, Profile, SpecError
+from kolors_trt.runtime.spec import COMPONENTS, KOLORS_SIZES, DimRange, Profile, SpecError, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +53,6 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return p
 
 
-def _parse_hw(text: str) -> tuple[int, int]:
-    try:
-        h, w = text.lower().split("x")
-        return int(h), int(w)
-    except ValueError:
-        raise SpecError(f"size {text!r} is not HxW, e.g. 1024x1024") from None
-
-
 def _parse_batch(text: str) -> DimRange:
     try:
         parts = [int(p) for p in text.split(":")]
@@ -76,7 +68,7 @@ def _parse_batch(text: str) -> DimRange:
 def profile_from_args(args: argparse.Namespace) -> Profile:
     """The build profile from --batch, --size, --size-range and --static."""
     batch = _parse_batch(args.batch)
-    sizes = [_parse_hw(s) for s in args.size] if args.size else None
+    sizes = [parse_size(s) for s in args.size] if args.size else None
     if args.static:
         if args.size_range or (sizes and len(sizes) > 1):
             raise SpecError("--static builds one shape: give at most one --size and no --size-range")
@@ -84,7 +76,7 @@ def profile_from_args(args: argparse.Namespace) -> Profile:
         return Profile.static(batch.opt, h, w)
     if args.size_range:
         try:
-            lo, hi = (_parse_hw(t) for t in args.size_range.split(":"))
+            lo, hi = (parse_size(t) for t in args.size_range.split(":"))
         except ValueError:
             raise SpecError(f"--size-range {args.size_range!r} is not HMINxWMIN:HMAXxWMAX") from None
         opt = sizes[0] if sizes else tuple(min(max(v, a), b) for v, a, b in zip(KOLORS_SIZES[0], lo, hi))

@@ -27,6 +27,7 @@ from typing import Mapping, Optional
 
 from kolors_trt.runtime.hashing import sha256_file
 from kolors_trt.runtime.spec import (
+    ENGINE_FORMAT,
     COMPONENTS,
     DEFAULT_PRECISION,
     PRECISIONS,
@@ -46,7 +47,7 @@ from .targets import PLAN_MAGIC
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FORMAT = "kolors-trt-engines/1"
+FORMAT = ENGINE_FORMAT
 ASSET_DIRS = ("tokenizer", "scheduler")  # copied verbatim from the export folder
 # Copied when present: without it the runtime takes the CLIP settings from the manifest's runtime constants.
 OPTIONAL_ASSET_DIRS = ("image_processor",)

@@ -123,13 +123,17 @@ class Target:
                 raise ValueError(f"engines: {trt.__name__} refused compute capability {name} at index {i}")
         return names
 
-    def allow_tf32(self, trt: ModuleType, config) -> bool:
-        """Allow TF32 for fp32 math where the builder has the flag; return whether it is set."""
+    def set_tf32(self, trt: ModuleType, config, allowed: bool) -> bool:
+        """Allow or forbid TF32 for fp32 math where the builder has the flag (TensorRT
+        turns it on by default); return whether it is allowed."""
         flag = getattr(trt.BuilderFlag, "TF32", None)
         if flag is None:
             return False
-        config.set_flag(flag)
-        return True
+        if allowed:
+            config.set_flag(flag)
+        else:
+            config.clear_flag(flag)
+        return allowed
 
 
 TARGETS = {

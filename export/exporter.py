@@ -24,6 +24,7 @@ from pathlib import Path
 
 from kolors_trt.runtime import spec as S
 from kolors_trt.runtime.hashing import sha256_file
+from kolors_trt.runtime.preprocess import CLIP_MEAN, CLIP_STD
 
 from . import checkpoint as ck
 from .components import ImageEncoderGraph, TextEncoderGraph, UNetGraph, VaeDecoderGraph
@@ -32,10 +33,8 @@ from .validate import Parity, validate
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = "kolors-trt/export"
 MANIFEST_VERSION = 1
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MANIFEST_FORMAT = S.EXPORT_FORMAT
 
 
 class PrecisionError(ValueError):
@@ -151,8 +150,7 @@ def _runtime_constants(paths: ck.CheckpointPaths, comps: Components) -> dict:
         "image_std": list(pre.get("image_std", CLIP_STD)),
         "image_size": comps.dims.image_size,
         "text_length": comps.dims.text_length,
-        "defaults": {"height": 1024, "width": 1024, "num_inference_steps": 50, "guidance_scale": 5.0,
-                     "ip_adapter_scale": 0.5},
+        "defaults": dict(S.SAMPLING_DEFAULTS),
     }
 
 
@@ -241,7 +239,7 @@ def write_manifest(out: Path, paths: ck.CheckpointPaths, comps: Components, resu
             "config": configs[r.component],
         }
     manifest = {
-        "format": MANIFEST_FORMAT,
+        "format": S.EXPORT_FORMAT,
         "version": MANIFEST_VERSION,
         "source": {"weights": str(paths.root.resolve()), "ip_adapter": str(paths.ip_root.resolve()),
                    "ip_weights": paths.ip_weights.name},

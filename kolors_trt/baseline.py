@@ -7,7 +7,8 @@ from pathlib import Path
 
 
 def load_diffusers(weights: Path, ip_adapter: Path, device: str = "cpu", dtype: str = "fp32"):
-    """(pipeline, torch) with the IP-Adapter-Plus weights loaded in their original format."""
+    """(pipeline, torch) with the IP-Adapter-Plus weights loaded in their original format;
+    set the IP scale with pipe.set_ip_adapter_scale before use."""
     import torch
     from diffusers import KolorsPipeline
     from transformers import CLIPVisionModelWithProjection
@@ -27,6 +28,5 @@ def load_diffusers(weights: Path, ip_adapter: Path, device: str = "cpu", dtype: 
                                           torch_dtype=torch_dtype)
     pipe.load_ip_adapter(str(paths.ip_root), subfolder="", weight_name=paths.ip_weights.name,
                          image_encoder_folder=None)
-    pipe.set_ip_adapter_scale(0.5)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device), torch

@@ -5,7 +5,7 @@ Stages (each request has a new prompt and a new reference image, so the encoders
 really run; the model's constants are warm):
 
     text_encoder     tokenize + text encoder engine, one new prompt
-    image_encoder    CLIP preprocessing + image encoder engine, one new image
+    image_encoder    image encoder engine, one new image (its preprocessing counts as host)
     image_cached     the same image again: preprocessing + content hash + cache hit
     denoise_step     one denoising step: UNet (CFG batch) + guidance + Euler update
     vae_decoder      latents -> image
@@ -34,6 +34,8 @@ from typing import Optional
 
 import numpy as np
 
+from kolors_trt.runtime.spec import SAMPLING_DEFAULTS
+
 logger = logging.getLogger(__name__)
 
 STAGES = ("text_encoder", "image_encoder", "image_cached", "denoise_step", "vae_decoder", "host", "end_to_end")
@@ -61,8 +63,8 @@ class BenchConfig:
     steps: int
     warmup: int
     runs: int
-    guidance_scale: float = 5.0
-    ip_adapter_scale: float = 0.5
+    guidance_scale: float = SAMPLING_DEFAULTS["guidance_scale"]
+    ip_adapter_scale: float = SAMPLING_DEFAULTS["ip_adapter_scale"]
     seed: int = 0
 
     def __post_init__(self):
@@ -175,6 +177,7 @@ def bench_runtime(folder: Path, backend: str, config: BenchConfig, cuda_graph: O
         "engine_bytes": {name: Path(path).stat().st_size for name, path in pipe.folder.files.items()},
         "stats": pipe.stats(),
         "device_memory_mb": _device_memory_mb() if clock.stream is not None else None,
+        "peak_rss_mb": _peak_rss_mb(),  # before a baseline loads its models into this process
     }
     return samples, facts
 
@@ -188,6 +191,7 @@ def bench_diffusers(weights: Path, ip_adapter: Path, config: BenchConfig, device
     from .baseline import load_diffusers
 
     pipe, torch = load_diffusers(weights, ip_adapter, device, dtype)
+    pipe.set_ip_adapter_scale(config.ip_adapter_scale)
     stream = torch.cuda.current_stream() if device.startswith("cuda") else None
     clock = Clock(stream)
     samples = Samples(clock.name)
@@ -233,6 +237,10 @@ def bench_diffusers(weights: Path, ip_adapter: Path, config: BenchConfig, device
         samples.add("host", e2e - stages.get("text_encoder", 0.0) - stages.get("image_encoder", 0.0)
                     - stages.get("unet", 0.0) - vae)
     return samples
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
 
 
 def _device_memory_mb() -> Optional[float]:
@@ -297,7 +305,6 @@ def report(config: BenchConfig, ours: Samples, facts: dict, baseline: Optional[S
                   "note": "device work timed with CUDA events, host work with perf_counter"
                   if ours.clock == "cuda_events" else "all stages timed with time.perf_counter on the host"},
         "kolors-trt": {"samples": ours.values, "summary": ours.summary(images_per_request)},
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         **facts,
     }
     if baseline is not None:

@@ -56,10 +56,10 @@ def _export(args) -> int:
 
 
 def _size(text: str) -> tuple[int, int]:
-    h, sep, w = text.lower().partition("x")
-    if not sep or not h.isdigit() or not w.isdigit():
-        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 1024x1024, got {text!r}")
-    return int(h), int(w)
+    try:
+        return S.parse_size(text)
+    except S.SpecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _bench(args) -> int:
@@ -69,10 +69,11 @@ def _bench(args) -> int:
 
     folder = Path(args.engines or args.onnx)
     manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").is_file() else {}
-    defaults = manifest.get("runtime", {}).get("defaults", {})
-    height, width = args.size or (defaults.get("height", 1024), defaults.get("width", 1024))
-    config = B.BenchConfig(height, width, args.steps or defaults.get("num_inference_steps", 50), args.warmup,
-                           args.runs)
+    defaults = {**S.SAMPLING_DEFAULTS, **manifest.get("runtime", {}).get("defaults", {})}
+    height, width = args.size or (defaults["height"], defaults["width"])
+    steps = args.steps if args.steps is not None else defaults["num_inference_steps"]
+    config = B.BenchConfig(height, width, steps, args.warmup, args.runs, defaults["guidance_scale"],
+                           defaults["ip_adapter_scale"])
     cuda_graph = {"auto": None, "on": True, "off": False}[args.cuda_graph]
     samples, facts = B.bench_runtime(folder, args.backend, config, cuda_graph)
     baseline = None
@@ -94,7 +95,7 @@ def _bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kolors-trt", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level; tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("tiny", help="write a tiny random-weight Kolors + IP-Adapter-Plus checkpoint")
@@ -160,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ValueError, RuntimeError, OSError) as exc:  # typed errors carry the whole message
-        logging.getLogger("kolors_trt").debug("failed", exc_info=True)
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
         print(f"kolors-trt {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

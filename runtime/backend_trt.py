@@ -28,6 +28,7 @@ import numpy as np
 
 from .backends import BackendError, Engine, ModelFolder
 from .postprocess import check_finite
+from .trt_logger import trt_logger
 from .spec import COMPONENTS, EngineSpec, check_feeds, dim_values, shape_of
 
 logger = logging.getLogger(__name__)
@@ -40,15 +41,6 @@ def _torch_dtype(name: str):
     import torch
 
     return {"float32": torch.float32, "int64": torch.int64}[name]
-
-
-def _trt_logger(trt):
-    """One ILogger per package, forwarding to logging (TensorRT keeps the first logger it sees)."""
-    cached = getattr(_trt_logger, trt.__name__, None)
-    if cached is None:
-        cached = trt.Logger(trt.Logger.WARNING)
-        setattr(_trt_logger, trt.__name__, cached)
-    return cached
 
 
 def check_host(folder: ModelFolder, backend: str):
@@ -94,16 +86,27 @@ def check_host(folder: ModelFolder, backend: str):
 class TrtEngine(Engine):
     """One plan, its execution context and its preallocated device buffers."""
 
-    def __init__(self, spec: EngineSpec, folder: ModelFolder, trt, stream):
+    def __init__(self, spec: EngineSpec, folder: ModelFolder, trt, stream, cuda_graph: bool = False,
+                 runtime_graphs: bool = False):
         super().__init__(spec, folder.files[spec.name])
         import torch
 
         self.stream = stream
+        # cuda_graph: denoise_torch captures whole steps (UNet + CFG + Euler), one graph per shape.
+        # runtime_graphs: TensorRT-RTX captures and replays its own launches (IRuntimeConfig
+        # cuda_graph_strategy), the documented way to use CUDA graphs with RTX's JIT kernels.
+        self.cuda_graph = cuda_graph
+        self.graphs: dict = {}
         plan = self.source.read_bytes()
-        self.engine = trt.Runtime(_trt_logger(trt)).deserialize_cuda_engine(plan)
+        self.engine = trt.Runtime(trt_logger(trt)).deserialize_cuda_engine(plan)
         if self.engine is None:
             raise BackendError(f"{spec.name}: {trt.__name__} could not deserialize {self.source} (see its log); rebuild it")
-        self.context = self.engine.create_execution_context()
+        if runtime_graphs:
+            config = self.engine.create_runtime_config()
+            config.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+            self.context = self.engine.create_execution_context(config)
+        else:
+            self.context = self.engine.create_execution_context()
         if self.context is None:
             raise BackendError(f"{spec.name}: could not create an execution context for {self.source} (GPU memory?)")
         names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
@@ -134,10 +137,9 @@ class TrtEngine(Engine):
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise BackendError(f"{self.name}: execute_async_v3 failed (see the TensorRT log)")
 
-    def _execute(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _execute(self, feeds: Mapping[str, np.ndarray], values: Mapping[str, int]) -> dict[str, np.ndarray]:
         import torch
 
-        values = check_feeds(self.spec, feeds)
         with torch.cuda.stream(self.stream):
             views = self.set_shapes(values)
             for name, array in feeds.items():
@@ -153,10 +155,11 @@ def open_trt_engines(folder: ModelFolder, backend: str, specs: dict, cuda_graph:
 
     trt = check_host(folder, backend)
     stream = torch.cuda.Stream()
-    engines = {name: TrtEngine(specs[name], folder, trt, stream) for name in COMPONENTS}
-    engines["unet"].cuda_graph = folder.profile.is_static if cuda_graph is None else bool(cuda_graph)
-    engines["unet"].graphs = {}
-    return engines
+    graphs = folder.profile.is_static if cuda_graph is None else bool(cuda_graph)
+    rtx = backend == "tensorrt-rtx"
+    return {name: TrtEngine(specs[name], folder, trt, stream, cuda_graph=graphs and name == "unet" and not rtx,
+                            runtime_graphs=graphs and name == "unet" and rtx)
+            for name in COMPONENTS}
 
 
 class _Step:
@@ -174,7 +177,8 @@ class _Step:
         self.views = unet.set_shapes(values)
         for name, array in conditioning.items():  # constant for the whole loop
             self.views[name].copy_(torch.from_numpy(np.ascontiguousarray(array)))
-        dev = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).cuda()  # noqa: E731
+        device = unet.buffers["sample"].device
+        dev = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)  # noqa: E731
         steps = len(scheduler)
         sig = scheduler.sigmas
         self.tables = {
@@ -183,8 +187,8 @@ class _Step:
             "sigma": dev(sig[:steps]),
             "dt": dev([np.float32(sig[i + 1] - sig[i]) for i in range(steps)]),
         }
-        self.slots = {k: torch.zeros((), dtype=torch.float32, device="cuda") for k in self.tables}
-        self.guidance = torch.tensor(np.float32(guidance_scale), device="cuda")
+        self.slots = {k: torch.zeros((), dtype=torch.float32, device=device) for k in self.tables}
+        self.guidance = torch.tensor(np.float32(guidance_scale), device=device)
         self.kind = scheduler.config.prediction_type
         self.x = dev(latents)  # [n, C, h, w]
         self.key = (values["unet_batch"], values["latent_height"], values["latent_width"], do_cfg, self.kind)
@@ -219,6 +223,12 @@ class _Step:
         x.copy_(x + ((x - pred) / sigma) * s["dt"])
 
 
+def _capturable(unet: TrtEngine) -> bool:
+    """IExecutionContext.is_stream_capturable where the installed TensorRT has it."""
+    check = getattr(unet.context, "is_stream_capturable", None)
+    return True if check is None else bool(check(unet.stream.cuda_stream))
+
+
 def denoise_torch(unet: TrtEngine, latents: np.ndarray, conditioning: Mapping[str, np.ndarray], scheduler,
                   guidance_scale: float, do_cfg: bool, on_step: Optional[Callable[[int], None]] = None) -> np.ndarray:
     """The denoising loop on the GPU; same contract as backends.denoise_numpy. GPU only."""
@@ -227,6 +237,9 @@ def denoise_torch(unet: TrtEngine, latents: np.ndarray, conditioning: Mapping[st
     with torch.cuda.stream(unet.stream):
         step = _Step(unet, latents, conditioning, scheduler, guidance_scale, do_cfg)
         graph = unet.graphs.get(step.key) if unet.cuda_graph else None
+        if unet.cuda_graph and graph is None and not _capturable(unet):
+            logger.warning("unet: this execution context cannot be captured on its stream; steps run without a CUDA graph")
+            unet.cuda_graph = False
         if unet.cuda_graph and graph is None:
             # TensorRT needs one launch before capture (lazy initialisation); warm up on step 0's values
             step.load(0)
@@ -235,8 +248,8 @@ def denoise_torch(unet: TrtEngine, latents: np.ndarray, conditioning: Mapping[st
             step.x.copy_(saved)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=unet.stream):
-                step.body()
-            step.x.copy_(saved)  # capture ran the body once more
+                step.body()  # recorded, not run
+            step.x.copy_(saved)
             unet.graphs[step.key] = (graph, step)
         elif graph is not None:
             graph, captured = graph

@@ -28,6 +28,9 @@ from .hashing import sha256_file
 from .postprocess import check_finite
 from .spec import (
     COMPONENTS,
+    check_feeds,
+    ENGINE_FORMAT,
+    EXPORT_FORMAT,
     DimRange,
     EngineSpec,
     ModelDims,
@@ -41,8 +44,6 @@ from .spec import (
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-EXPORT_FORMAT = "kolors-trt/export"  # export/exporter.py MANIFEST_FORMAT
-ENGINE_FORMAT = "kolors-trt-engines/1"  # engines/manifest.py FORMAT
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "tensorrt-rtx")
 TRT_BACKENDS = ("tensorrt", "tensorrt-rtx")
 PERMISSIVE_MAX_PIXELS = 16384  # largest side an export folder accepts (ONNX Runtime has no profile)
@@ -210,16 +211,15 @@ class Engine:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Check the feeds against the spec, run, check the outputs are finite."""
-        from .spec import check_feeds
-
-        check_feeds(self.spec, feeds)
+        values = check_feeds(self.spec, feeds)
         self.runs += 1
-        outputs = self._execute(feeds)
+        outputs = self._execute(feeds, values)
         for name, value in outputs.items():
             check_finite(self.name, name, value)
         return outputs
 
-    def _execute(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _execute(self, feeds: Mapping[str, np.ndarray], values: Mapping[str, int]) -> dict[str, np.ndarray]:
+        """Run on feeds already checked; `values` are the dynamic dims they imply."""
         raise NotImplementedError
 
 
@@ -247,7 +247,7 @@ class OrtEngine(Engine):
             )
         logger.debug("%s: %s on %s", spec.name, path.name, self.session.get_providers())
 
-    def _execute(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _execute(self, feeds: Mapping[str, np.ndarray], values: Mapping[str, int]) -> dict[str, np.ndarray]:
         names = self.spec.output_names
         values = self.session.run(names, {k: np.ascontiguousarray(v) for k, v in feeds.items()})
         return dict(zip(names, values))

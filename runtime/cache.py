@@ -80,13 +80,21 @@ class LRUCache:
         """Store without counting (a value promoted from disk)."""
         if self.max_items == 0:
             return
-        self._items[key] = value
+        self._items[key] = read_only(value)
         self._items.move_to_end(key)
         while len(self._items) > self.max_items:
             self._items.popitem(last=False)
 
     def clear(self) -> None:
         self._items.clear()
+
+
+def read_only(value):
+    """Freeze cached arrays (alone or in a tuple): callers share them, none may write."""
+    for array in value if isinstance(value, tuple) else (value,):
+        if isinstance(array, np.ndarray):
+            array.setflags(write=False)
+    return value
 
 
 def content_key(namespace: str, array: np.ndarray) -> str:

@@ -55,10 +55,7 @@ def run_generate(args) -> int:
     from .postprocess import save_png
 
     folder = args.engines or args.onnx
-    backend = args.backend
-    if args.onnx and backend == "auto":
-        backend = "onnxruntime"
-    pipe = Pipeline.load(folder, backend=backend, cache_dir=args.cache_dir, verify=not args.no_verify)
+    pipe = Pipeline.load(folder, backend=args.backend, cache_dir=args.cache_dir, verify=not args.no_verify)
     result = pipe.generate(
         args.prompt,
         ip_adapter_image=args.image,

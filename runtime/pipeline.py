@@ -38,7 +38,7 @@ from typing import Optional
 import numpy as np
 
 from . import backends as B
-from .cache import DEFAULT_IP_ITEMS, DEFAULT_PROMPT_ITEMS, ArrayCache, LRUCache, content_key
+from .cache import DEFAULT_IP_ITEMS, DEFAULT_PROMPT_ITEMS, ArrayCache, LRUCache, content_key, read_only
 from .noise import torch_randn
 from .postprocess import denormalize, to_pil, to_uint8
 from .preprocess import ClipPreprocess, ImageSource, PreprocessConfigError
@@ -103,6 +103,7 @@ class Pipeline:
             self.empty_negative = tuple(np.zeros_like(a) for a in self.empty_negative)
         zeros = np.zeros((1, 3) + tuple(clip.crop_size), dtype=np.float32)  # zeros in normalised space
         self.zero_ip_tokens = self.engines["image_encoder"].run({"pixel_values": zeros})["ip_tokens"]  # [1, 16, C]
+        read_only((*self.empty_negative, self.zero_ip_tokens))
 
     # ---- construction ----------------------------------------------------------------------
 

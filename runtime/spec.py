@@ -29,6 +29,12 @@ DEFAULT_PRECISION = {"text_encoder": "fp16", "image_encoder": "fp16", "unet": "f
 KOLORS_SIZES = ((1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344))
 
 TEXT_LENGTH = 256  # ChatGLM3 prompt length in Kolors, fixed
+# The reference sampling settings (diffusers' KolorsPipeline with IP scale 0.5); written
+# into every manifest as runtime.defaults, which the runtime and the CLI read.
+SAMPLING_DEFAULTS = {"height": 1024, "width": 1024, "num_inference_steps": 50, "guidance_scale": 5.0,
+                     "ip_adapter_scale": 0.5}
+EXPORT_FORMAT = "kolors-trt/export"  # manifest.json "format" of an export folder
+ENGINE_FORMAT = "kolors-trt-engines/1"  # ... and of an engine folder
 TIME_IDS = 6  # [orig_h, orig_w, crop_top, crop_left, target_h, target_w]
 
 DimEntry = Union[int, str, tuple]
@@ -146,6 +152,10 @@ def engine_specs(model: ModelDims = ModelDims(), profile: Profile = DEFAULT_PROF
     # A dynamic profile also admits the unguided batch (guidance <= 1); a static
     # one (for CUDA graphs) is exactly the CFG batch.
     unet_b = DimRange(2 * b.min if profile.is_static else b.min, 2 * b.opt, 2 * b.max)
+    # The encoders run once per prompt and per new reference image, at batch 1,
+    # whatever the number of images per request; the constants (empty negative,
+    # zero image) are batch 1 too.
+    one = DimRange(1, 1, 1)
     f32, i64 = "float32", "int64"
     L, C = m.text_length, m.latent_channels
     latent = ("unet_batch", C, "latent_height", "latent_width")
@@ -161,14 +171,14 @@ def engine_specs(model: ModelDims = ModelDims(), profile: Profile = DEFAULT_PROF
                 TensorSpec("prompt_embeds", f32, ("batch", L, m.text_hidden)),  # hidden_states[-2]
                 TensorSpec("pooled", f32, ("batch", m.text_hidden)),  # hidden_states[-1], last position
             ),
-            dims={"batch": b},
+            dims={"batch": one},
             tolerance={"fp32": (1e-4, 1e-4), "fp16": (2e-2, 2e-2)},
         ),
         "image_encoder": EngineSpec(
             "image_encoder",
             inputs=(TensorSpec("pixel_values", f32, ("batch", 3, m.image_size, m.image_size)),),
             outputs=(TensorSpec("ip_tokens", f32, ("batch", m.ip_tokens, m.cross_attention_dim)),),
-            dims={"batch": DimRange(1, 1, max(2, b.max))},  # a reference image and the zero image
+            dims={"batch": one},
             tolerance={"fp32": (1e-4, 1e-4), "fp16": (2e-2, 2e-2)},
         ),
         "unet": EngineSpec(
@@ -297,6 +307,14 @@ def spec_hash(spec: EngineSpec) -> str:
     """Stable hash of an engine's contract, for cache keys."""
     text = json.dumps(to_json(spec), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def parse_size(text: str) -> tuple:
+    """"1024x1024" (height x width) -> (1024, 1024); raises SpecError."""
+    h, sep, w = str(text).lower().partition("x")
+    if not sep or not h.strip().isdigit() or not w.strip().isdigit():
+        raise SpecError(f"size {text!r} is not HEIGHTxWIDTH, e.g. 1024x1024")
+    return int(h), int(w)
 
 
 def model_dims_from_json(d: Mapping) -> ModelDims:

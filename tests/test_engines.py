@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from kolors_trt.engines import targets
+from kolors_trt.runtime.trt_logger import trt_logger
 from kolors_trt.engines.builder import BUILT, UP_TO_DATE, build_engines
 from kolors_trt.engines.cli import add_build_arguments, profile_from_args, run_build
 from kolors_trt.engines.errors import BuilderNotInstalled, EngineFolderError, NetworkMismatchError, NoGpuError, OnnxParseError
@@ -181,13 +182,26 @@ def test_dynamic_build_writes_a_complete_engine_folder(built, onnx_dir):
     assert (out / "scheduler" / "scheduler_config.json").is_file()
 
 
+@pytest.mark.parametrize("precision, allowed", [("fp32", True), ("fp16", False)])
+def test_tf32_only_for_the_fp32_vae(built, precision, allowed):
+    """TensorRT allows TF32 by default: the builder must clear it except for the fp32 VAE."""
+    import tensorrt_rtx as trt
+
+    config = trt.Builder(trt_logger(trt)).create_builder_config()
+    assert config.get_flag(trt.BuilderFlag.TF32)  # the default this guards against
+    targets.get_target(RTX).set_tf32(trt, config, allowed)
+    assert config.get_flag(trt.BuilderFlag.TF32) is allowed
+    m = verify_engine_folder(built[0])
+    assert {n: e["options"]["tf32"] for n, e in m["engines"].items()} == {
+        "text_encoder": False, "image_encoder": False, "unet": False, "vae_decoder": True}
+
+
 def test_parsed_network_io_equals_the_spec(onnx_dir):
     import tensorrt_rtx as trt
 
-    from kolors_trt.engines.builder import _make_logger
     from kolors_trt.engines.network import check_network, network_io, parse_onnx
 
-    logger = _make_logger(trt)
+    logger = trt_logger(trt)
     builder = trt.Builder(logger)
     flags = targets.get_target(RTX).network_flags(trt)
     for name, spec in engine_specs(DIMS, PROFILE).items():
@@ -210,10 +224,10 @@ def test_static_build(onnx_dir, tmp_path):
     assert sorted(m["engines"]) == ["unet", "vae_decoder"]
     for shapes in m["engines"]["vae_decoder"]["profile"].values():
         assert shapes["min"] == shapes["opt"] == shapes["max"]
-    # The spec keeps the UNet batch in [B, 2B] even for a static profile (a request
-    # without CFG runs B images); every other UNet dim is fixed.
-    sample = m["engines"]["unet"]["profile"]["sample"]
-    assert sample["min"][1:] == sample["opt"][1:] == sample["max"][1:] == [4, 32, 32]
+    # A static profile is exactly the CFG batch (2 x 1 image) at one size: what CUDA graphs need.
+    for shapes in m["engines"]["unet"]["profile"].values():
+        assert shapes["min"] == shapes["opt"] == shapes["max"]
+    assert m["engines"]["unet"]["profile"]["sample"]["opt"] == [2, 4, 32, 32]
     assert m["engines"]["vae_decoder"]["profile"]["latents"]["opt"] == [1, 4, 32, 32]
 
 
@@ -243,9 +257,9 @@ def test_a_new_profile_drops_engines_built_for_the_old_one(built, onnx_dir, tmp_
     out = _copy(built[0], tmp_path / "engines")
     build_engines(onnx_dir, out, target=RTX, profile=STATIC, components=["vae_decoder"])
     m = verify_engine_folder(out)
-    # The image encoder's spec does not depend on the image size, so its engine stays.
-    assert sorted(m["engines"]) == ["image_encoder", "vae_decoder"]
-    assert not (out / "unet.plan").exists() and not (out / "text_encoder.plan").exists()
+    # The encoders run at batch 1 whatever the profile, so their engines stay.
+    assert sorted(m["engines"]) == ["image_encoder", "text_encoder", "vae_decoder"]
+    assert not (out / "unet.plan").exists()
 
 
 # ---- verification ---------------------------------------------------------------------------

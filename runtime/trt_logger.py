@@ -1,0 +1,36 @@
+"""The one TensorRT logger of a process: forwards TensorRT's messages to `logging`.
+
+TensorRT keeps the first ILogger a builder or runtime registers in a process and
+ignores later ones (with a warning), so the builder and the runtime share this one,
+one per package (tensorrt, tensorrt_rtx), kept alive for the process.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from types import ModuleType
+
+
+@functools.lru_cache(maxsize=None)
+def trt_logger(trt: ModuleType):
+    levels = {
+        trt.ILogger.Severity.INTERNAL_ERROR: logging.CRITICAL,
+        trt.ILogger.Severity.ERROR: logging.ERROR,
+        trt.ILogger.Severity.WARNING: logging.WARNING,
+        trt.ILogger.Severity.INFO: logging.DEBUG,  # TensorRT's INFO is chatty
+        trt.ILogger.Severity.VERBOSE: logging.DEBUG,
+    }
+    log = logging.getLogger(f"{__name__}.{trt.__name__}")
+
+    class _Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+
+        def log(self, severity, msg):
+            level = levels.get(severity, logging.INFO)
+            if "has Int64 binding" in msg:
+                level = logging.DEBUG  # token ids are int64 by contract (runtime/spec.py); not news
+            log.log(level, "%s", msg)
+
+    return _Logger()
