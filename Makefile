@@ -39,7 +39,8 @@ endif
 help:
 	@echo "make engines   checkpoint (WEIGHTS, IP_ADAPTER; tiny default) -> $(OUT)/onnx -> $(OUT)/engines"
 	@echo "make test      run the test suite (CPU)"
-	@echo "make bench     latency benchmark on $(OUT)/onnx (tiny default, ONNX Runtime)"
+	@echo "make bench     latency benchmark on $(OUT)/onnx (tiny default, ONNX Runtime) against diffusers"
+	@echo "make bench-gpu GPU hosts: TensorRT engines at 1024x1024, 50 steps, with/without CUDA graphs, vs diffusers"
 	@echo "make fullsize-check  random weights at the real Kolors sizes -> export, validate, build; measured (FULLSIZE_DIR, ~60 GB)"
 
 setup: $(STAMP)
