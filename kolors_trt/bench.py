@@ -364,7 +364,7 @@ def plot(result: dict, path: Path) -> None:
     configs = [("kolors-trt\n" + result["environment"]["backend"], result["kolors-trt"]["summary"])]
     if "diffusers" in result:
         configs.append(("diffusers", result["diffusers"]["summary"]))
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     for x, (label, summary) in enumerate(configs):
         bottom = 0.0
         for stage, color in zip(PLOT_STAGES, ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3")):
@@ -376,7 +376,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("seconds per request (mean)")
     cfg = result["config"]
     ax.set_title(f"{cfg['height']}x{cfg['width']}, {steps} steps")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
