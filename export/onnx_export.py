@@ -114,6 +114,7 @@ def stream_save(src: Path, dst: Path, spec: S.EngineSpec) -> None:
 
     model = onnx.load(str(src), load_external_data=False)
     graph = model.graph
+    _inline_constant_attributes(graph, src.parent)
     inits = {t.name for t in graph.initializer}
     uses: dict = {}
     for node in graph.node:
@@ -167,6 +168,21 @@ def stream_save(src: Path, dst: Path, spec: S.EngineSpec) -> None:
     name_dims(model, spec)
     onnx.save_model(model, str(dst))
     onnx.shape_inference.infer_shapes_path(str(dst), str(dst))
+
+
+def _inline_constant_attributes(graph, base_dir: Path) -> None:
+    """The TorchScript exporter writes large Constant-node values (e.g. ChatGLM's
+    rotary table) to files of their own too; the graph would point into the
+    temporary folder. They are small next to the weights: inline them."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_location == onnx.TensorProto.EXTERNAL:
+                load_external_data_for_tensor(attr.t, str(base_dir))
+                attr.t.data_location = onnx.TensorProto.DEFAULT
+                del attr.t.external_data[:]
 
 
 def cleanup(src: Path, dst: Path, spec: S.EngineSpec) -> None:
