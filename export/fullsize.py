@@ -267,15 +267,15 @@ def load_graph(paths, name: str, dtype: str):
 
 
 def run_ort_lean(path: Path, feeds: dict) -> dict:
-    """ONNX Runtime on the CPU at about the memory cost of the weights, file-backed.
+    """ONNX Runtime on the CPU with as few copies of the weights as it allows.
 
-    Two copies are avoided. ONNX Runtime reads external data into its own memory:
-    instead every external initializer is handed over as an OrtValue on a
-    copy-on-write memmap of the page-aligned data file (add_external_initializers,
-    no copy). And the CPU provider lacks fp16 kernels for most ops and wraps them
-    in Casts to fp32, which graph optimisation would fold into resident fp32 copies
-    of the weights (twice the fp16 size); without it the Casts run per call and
-    their outputs are freed (no arena).
+    ONNX Runtime reads external data into its own memory: instead every external
+    initializer is handed over as an OrtValue on a copy-on-write memmap of the
+    page-aligned data file (add_external_initializers, no copy). No arena, no
+    prepacking, no graph optimisation. What remains is the CPU provider's lack of
+    fp16 kernels for most ops: its InsertCastTransformer stores fp32 copies of the
+    fp16 weights at session creation, whatever the optimisation level, so an fp16
+    graph costs about twice its weights in anonymous memory (UNet: 12 GB for 5.8).
     """
     import numpy as np
     import onnx
@@ -356,13 +356,14 @@ def export_component(weights: Path, ip_adapter: Path, out: Path, name: str) -> d
     v = _child(["validate", str(weights), str(ip_adapter), str(out), name], Path(out) / f"{name}.validate.json", None)
     if v.get("stopped_at_rss_cap"):  # measured how far it got; check() validates a slice instead
         result.update(validate_stopped_at_rss_cap=True, validate_peak_rss_mb=v["peak_rss_mb"],
-                      validate_s=v["wall_s"])
+                      validate_peak_anon_rss_mb=v["peak_anon_rss_mb"], validate_s=v["wall_s"])
         return result
     if v.get("exit") != 0 or "rel_err" not in v:
         why = f"stopped above {RSS_CAP_MB} MB" if v.get("stopped_at_rss_cap") else f"exit {v.get('exit')}"
         raise RuntimeError(f"fullsize: validating {file} failed ({why}, peak RSS {v.get('peak_rss_mb')} MB); "
                            "see the log above")
-    result.update(validate_s=v["validate_s"], validate_peak_rss_mb=v["peak_rss_mb"], max_abs_err=v["max_abs_err"],
+    result.update(validate_s=v["validate_s"], validate_peak_rss_mb=v["peak_rss_mb"],
+                  validate_peak_anon_rss_mb=v["peak_anon_rss_mb"], max_abs_err=v["max_abs_err"],
                   rel_err=v["rel_err"])
     ref_file.unlink()
     return result
@@ -469,12 +470,19 @@ def write_export_manifest(weights: Path, ip_adapter: Path, out: Path, results: l
 RSS_CAP_MB = 17_000
 
 
-def _anon_rss_mb(pid: int) -> float:
+def _memory_mb(pid: int) -> tuple[float, float]:
+    """(VmHWM, RssAnon) of a live process in MB: its own peak RSS so far (wait4's
+    ru_maxrss also counts the parent's peak at the spawn) and its anonymous memory."""
+    fields = {}
     try:
         with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:")) / 1024
-    except (OSError, StopIteration):
-        return 0.0
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("VmHWM", "RssAnon"):
+                    fields[key] = int(rest.split()[0]) / 1024
+    except OSError:
+        pass
+    return fields.get("VmHWM", 0.0), fields.get("RssAnon", 0.0)
 
 
 def _child(argv: list, result: Path, timeout: float | None, rss_cap_mb: float = RSS_CAP_MB) -> dict:
@@ -492,7 +500,7 @@ def _child(argv: list, result: Path, timeout: float | None, rss_cap_mb: float = 
     proc = subprocess.Popen(["nice", "-n", "19", sys.executable, "-m", "kolors_trt.export.fullsize", *argv, "--result", str(result)])
     deadline = None if timeout is None else t0 + timeout
     timed_out = over_cap = False
-    peak_anon = 0.0
+    peak_anon = peak_rss = 0.0
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
@@ -500,14 +508,14 @@ def _child(argv: list, result: Path, timeout: float | None, rss_cap_mb: float = 
         if deadline and time.perf_counter() > deadline and not timed_out:
             proc.send_signal(signal.SIGKILL)
             timed_out = True
-        anon = _anon_rss_mb(proc.pid)
-        peak_anon = max(peak_anon, anon)
+        hwm, anon = _memory_mb(proc.pid)
+        peak_anon, peak_rss = max(peak_anon, anon), max(peak_rss, hwm)
         if anon > rss_cap_mb and not over_cap:
             proc.send_signal(signal.SIGKILL)
             over_cap = True
         time.sleep(0.5)
     out = json.loads(result.read_text()) if result.is_file() else {}
-    out.update(wall_s=round(time.perf_counter() - t0, 1), peak_rss_mb=round(usage.ru_maxrss / 1024),
+    out.update(wall_s=round(time.perf_counter() - t0, 1), peak_rss_mb=round(peak_rss or usage.ru_maxrss / 1024),
                exit=os.waitstatus_to_exitcode(status), timed_out=timed_out,
                stopped_at_rss_cap=over_cap, peak_anon_rss_mb=round(peak_anon))
     return out
@@ -529,8 +537,10 @@ def check(root: Path, components: tuple, build_timeout: float | None, skip_build
         if "onnx_bytes" not in row:
             row = {"component": name}
             exp = _child(["export", str(kolors), str(ip), str(onnx_dir), name], root / f"{name}.export.json", None)
-            row.update({k: v for k, v in exp.items() if k not in ("wall_s", "exit", "timed_out", "peak_rss_mb")},
-                       export_wall_s=exp["wall_s"], export_exit=exp["exit"])
+            row.update({k: v for k, v in exp.items() if k not in ("wall_s", "exit", "timed_out", "peak_rss_mb",
+                                                                   "peak_anon_rss_mb", "stopped_at_rss_cap")},
+                       export_wall_s=exp["wall_s"], export_exit=exp["exit"],
+                       export_peak_anon_rss_mb=exp.get("peak_anon_rss_mb"))
             rows[name] = row
             _report(root, rows)
             if exp["exit"] != 0:
@@ -569,11 +579,13 @@ def _report(root: Path, rows: dict) -> None:
         if name == "checkpoint":
             continue
         gb = (r.get("onnx_bytes", 0) + r.get("external_data_bytes", 0)) / 1e9
-        peaks = f"{r.get('export_peak_rss_mb', '-')} / {r.get('validate_peak_rss_mb', '-')}"
+        peaks = (f"{r.get('export_peak_rss_mb', '-')} ({r.get('export_peak_anon_rss_mb', '?')}) / "
+                 f"{r.get('validate_peak_rss_mb', '-')} ({r.get('validate_peak_anon_rss_mb', '?')})")
         build_peak = f"{r['build_peak_rss_mb']} ({r.get('build_peak_anon_rss_mb', '?')})" if "build_peak_rss_mb" in r else "-"
         err = f"{r['max_abs_err']:.3g} / {r['rel_err']:.3g}" if r.get("rel_err") is not None else "-"
         if r.get("validate_stopped_at_rss_cap"):
-            peaks = f"{r.get('export_peak_rss_mb', '-')} / stopped at {RSS_CAP_MB}"
+            peaks = (f"{r.get('export_peak_rss_mb', '-')} ({r.get('export_peak_anon_rss_mb', '?')}) / "
+                     f"stopped at {RSS_CAP_MB} anon")
             if "slice_rel_err" in r:
                 err = (f"{r['slice_max_abs_err']:.3g} / {r['slice_rel_err']:.3g} (first {r['slice_layers']} "
                        "layers; full graph: see notes)")
@@ -582,7 +594,7 @@ def _report(root: Path, rows: dict) -> None:
         table.append([name, r.get("precision", "?"), r.get("export_s", "failed"), peaks, round(gb, 2),
                       build_cell(r), build_peak, round(r["engine_bytes"] / 1e9, 2) if "engine_bytes" in r else "-",
                       err, shape])
-    head = ["component", "precision", "export s", "peak RSS MB export / validate", "ONNX GB", "build s",
+    head = ["component", "precision", "export s", "peak RSS MB (anon) export / validate", "ONNX GB", "build s",
             "build peak RSS MB (anon)", "engine GB", "max abs / rel err vs torch", "validation shape"]
     (root / "fullsize-check.md").write_text(markdown_table(head, table) + "\n")
 
