@@ -76,7 +76,7 @@ FULLSIZE_DIR  ?= $(OUT)/fullsize
 FULLSIZE_ARGS ?=
 
 fullsize-check: $(STAMP)
-	nice -n 19 $(BIN)/python -m kolors_trt.export.fullsize check --out $(FULLSIZE_DIR) $(FULLSIZE_ARGS)
+	nice -n 19 $(BIN)/python -m kolors_trt.export.fullsize_check check --out $(FULLSIZE_DIR) $(FULLSIZE_ARGS)
 
 clean:
 	rm -rf $(OUT)

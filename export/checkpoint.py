@@ -142,6 +142,41 @@ def load_image_encoder(paths: CheckpointPaths, dtype: str = "float32"):
         folder, torch_dtype=getattr(torch, dtype)).eval())
 
 
+def model_dims(paths: CheckpointPaths):
+    """The sizes the checkpoint fixes (runtime.spec.ModelDims), from its configs and
+    the shape of the resampler's latents: no model is loaded."""
+    from kolors_trt.runtime.spec import ModelDims
+
+    te, clip = read_config(paths.text_encoder), read_config(paths.image_encoder)
+    unet, vae = read_config(paths.unet), read_config(paths.vae)
+    if vae.get("latent_channels", 4) != unet["in_channels"]:
+        raise CheckpointError(f"checkpoint: {paths.unet} takes {unet['in_channels']} latent channels, {paths.vae} "
+                              f"makes {vae.get('latent_channels')}; they are not from one model")
+    return ModelDims(
+        text_hidden=te["hidden_size"], image_size=clip["image_size"], ip_tokens=_ip_queries(paths.ip_weights),
+        cross_attention_dim=unet["cross_attention_dim"], latent_channels=unet["in_channels"],
+        vae_scale=2 ** (len(vae["block_out_channels"]) - 1),
+        latent_multiple=2 ** (len(unet["block_out_channels"]) - 1),
+    )
+
+
+def _ip_queries(path: Path) -> int:
+    """Number of resampler queries (IP tokens): latents [1, Q, hidden], read lazily."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="numpy") as f:
+                return int(f.get_slice("image_proj.latents").get_shape()[1])
+        import torch
+
+        state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+        return int(state["image_proj"]["latents"].shape[1])
+    except Exception as exc:  # torch/safetensors raise many types for a damaged file
+        raise CheckpointError(f"checkpoint: cannot read image_proj.latents from {path} ({type(exc).__name__}: "
+                              f"{exc}); the IP-Adapter weights are missing or corrupt") from exc
+
+
 def load_ip_adapter(paths: CheckpointPaths, unet):
     """The resampler (diffusers' IPAdapterPlusImageProjection, weights converted from
     the original keys) and the [(to_k_ip, to_v_ip)] pairs for `unet`'s cross-attentions."""

@@ -34,7 +34,6 @@ from .validate import Parity, validate
 logger = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
-MANIFEST_FORMAT = S.EXPORT_FORMAT
 
 
 class PrecisionError(ValueError):
@@ -90,19 +89,7 @@ class Components:
         self.vae = ck.load_vae(paths)
         self.clip = ck.load_image_encoder(paths)
         self.resampler, self.kv = ck.load_ip_adapter(paths, self.unet)
-        vae_latent = self.vae.config.latent_channels
-        if vae_latent != self.unet.config.in_channels:
-            raise ck.CheckpointError(f"checkpoint: UNet takes {self.unet.config.in_channels} latent channels, "
-                                     f"the VAE makes {vae_latent}; they are not from one model")
-        self.dims = S.ModelDims(
-            text_hidden=self.text_encoder.config.hidden_size,
-            image_size=self.clip.config.image_size,
-            ip_tokens=self.resampler.latents.shape[1],
-            cross_attention_dim=self.unet.config.cross_attention_dim,
-            latent_channels=self.unet.config.in_channels,
-            vae_scale=2 ** (len(self.vae.config.block_out_channels) - 1),
-            latent_multiple=2 ** (len(self.unet.config.block_out_channels) - 1),
-        )
+        self.dims = ck.model_dims(paths)
 
     def graph(self, name: str, precision: str):
         """The wrapper for `name` at `precision` (fp16 on a copy: the fp32 modules
@@ -135,7 +122,9 @@ class Components:
         }
 
 
-def _runtime_constants(paths: ck.CheckpointPaths, comps: Components) -> dict:
+def runtime_constants(paths: ck.CheckpointPaths, dims: S.ModelDims) -> dict:
+    """What the runtime needs from the checkpoint besides the graphs (manifest "runtime")."""
+    vae = ck.read_config(paths.vae)
     index = {}
     if (paths.root / "model_index.json").is_file():
         index = ck.read_config(paths.root, "model_index.json")
@@ -143,13 +132,13 @@ def _runtime_constants(paths: ck.CheckpointPaths, comps: Components) -> dict:
     if (paths.image_encoder / "preprocessor_config.json").is_file():
         pre = ck.read_config(paths.image_encoder, "preprocessor_config.json")
     return {
-        "vae_scaling_factor": float(comps.vae.config.scaling_factor),
-        "vae_shift_factor": comps.vae.config.get("shift_factor"),
+        "vae_scaling_factor": float(vae["scaling_factor"]),
+        "vae_shift_factor": vae.get("shift_factor"),
         "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", False)),
         "image_mean": list(pre.get("image_mean", CLIP_MEAN)),
         "image_std": list(pre.get("image_std", CLIP_STD)),
-        "image_size": comps.dims.image_size,
-        "text_length": comps.dims.text_length,
+        "image_size": dims.image_size,
+        "text_length": dims.text_length,
         "defaults": dict(S.SAMPLING_DEFAULTS),
     }
 
@@ -245,7 +234,7 @@ def write_manifest(out: Path, paths: ck.CheckpointPaths, comps: Components, resu
                    "ip_weights": paths.ip_weights.name},
         "model_dims": asdict(comps.dims),
         "resampler": configs["resampler"],
-        "runtime": _runtime_constants(paths, comps),
+        "runtime": runtime_constants(paths, comps.dims),
         "components": entries,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))

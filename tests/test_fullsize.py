@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from kolors_trt.export import checkpoint as ck
-from kolors_trt.export import fullsize, tiny
+from kolors_trt.export import fullsize, fullsize_check, tiny
 from kolors_trt.runtime import spec as S
 
 
@@ -97,9 +97,9 @@ def test_streaming_export_matches_in_memory_export(streamed, tmp_path, name):
     from kolors_trt.export.onnx_export import ALIGN, export_onnx, sample_inputs
     from kolors_trt.export.validate import run_ort
 
-    dims = fullsize.model_dims(streamed)
+    dims = ck.model_dims(streamed)
     spec = S.engine_specs(dims)[name]
-    graph = fullsize.load_graph(streamed, name, "float32")
+    graph = fullsize_check.load_graph(streamed, name, "float32")
     values = {"batch": 1, "unet_batch": 2, "latent_height": 8, "latent_width": 8}
     plain, streaming = tmp_path / "plain.onnx", tmp_path / "streaming.onnx"
     export_onnx(graph, spec, values, plain, streaming=False)
@@ -117,7 +117,7 @@ def test_streaming_export_matches_in_memory_export(streamed, tmp_path, name):
     check = {"batch": 2, "unet_batch": 4, "latent_height": 12, "latent_width": 16}
     feeds = sample_inputs(spec, check, seed=3)
     want, got = run_ort(plain, feeds), run_ort(streaming, feeds)
-    lean = fullsize.run_ort_lean(streaming, feeds)
+    lean = fullsize_check.run_ort_lean(streaming, feeds)
     for key in want:
         scale = float(np.abs(want[key]).max())
         assert np.abs(want[key] - got[key]).max() <= 1e-5 * scale, key
