@@ -80,16 +80,67 @@ def check_dims(model: S.ModelDims) -> dict:
 
 
 class Components:
-    """The fp32 torch modules of a checkpoint, loaded once, and their graph wrappers."""
+    """A checkpoint's fp32 torch modules, loaded when first needed and released once
+    their graph is exported and validated: at most one component's weights are held
+    at a time (the 6.2 B text encoder alone is 25 GB in fp32)."""
+
+    _FOR_GRAPH = {"text_encoder": ("text_encoder",), "image_encoder": ("clip",), "unet": ("unet",),
+                  "vae_decoder": ("vae",)}
 
     def __init__(self, paths: ck.CheckpointPaths):
         self.paths = paths
-        self.text_encoder = ck.load_text_encoder(paths)
-        self.unet = ck.load_unet(paths)
-        self.vae = ck.load_vae(paths)
-        self.clip = ck.load_image_encoder(paths)
-        self.resampler, self.kv = ck.load_ip_adapter(paths, self.unet)
         self.dims = ck.model_dims(paths)
+        self._loaded: dict = {}
+
+    def _get(self, key: str, load):
+        if key not in self._loaded:
+            self._loaded[key] = load()
+        return self._loaded[key]
+
+    @property
+    def text_encoder(self):
+        return self._get("text_encoder", lambda: ck.load_text_encoder(self.paths))
+
+    @property
+    def unet(self):
+        return self._get("unet", lambda: ck.load_unet(self.paths))
+
+    @property
+    def vae(self):
+        return self._get("vae", lambda: ck.load_vae(self.paths))
+
+    @property
+    def clip(self):
+        return self._get("clip", lambda: ck.load_image_encoder(self.paths))
+
+    @property
+    def resampler(self):
+        return self._ip()[0]
+
+    @property
+    def kv(self):
+        return self._ip()[1]
+
+    def _ip(self):
+        def load():
+            unet = self._loaded.get("unet")
+            if unet is None:  # only the UNet's cross-attention layout is needed: no weights
+                import torch
+                from diffusers import UNet2DConditionModel
+
+                with torch.device("meta"):
+                    unet = UNet2DConditionModel.from_config(ck.read_config(self.paths.unet))
+            return ck.load_ip_adapter(self.paths, unet)
+
+        return self._get("ip", load)
+
+    def release(self, name: str) -> None:
+        """Drop the modules only graph `name` uses (the IP weights stay: two graphs share them)."""
+        import gc
+
+        for key in self._FOR_GRAPH[name]:
+            self._loaded.pop(key, None)
+        gc.collect()
 
     def graph(self, name: str, precision: str):
         """The wrapper for `name` at `precision` (fp16 on a copy: the fp32 modules
@@ -112,11 +163,12 @@ class Components:
         raise KeyError(name)
 
     def configs(self) -> dict:
+        p = self.paths
         return {
-            "text_encoder": self.text_encoder.config.to_dict(),
-            "image_encoder": self.clip.config.to_dict(),
-            "unet": dict(self.unet.config),
-            "vae_decoder": dict(self.vae.config),
+            "text_encoder": ck.read_config(p.text_encoder),
+            "image_encoder": ck.read_config(p.image_encoder),
+            "unet": ck.read_config(p.unet),
+            "vae_decoder": ck.read_config(p.vae),
             "resampler": {"num_queries": int(self.resampler.latents.shape[1]),
                           "hidden_dims": int(self.resampler.latents.shape[2]), "depth": len(self.resampler.layers)},
         }
@@ -193,13 +245,15 @@ def export_all(weights: Path, ip_adapter: Path, out: Path, precisions: dict,
         bar.set_postfix_str(f"{name} {precision}")
         spec, file = specs[name], out / f"{name}.onnx"
         start = time.perf_counter()
-        export_onnx(comps.graph(name, precision), spec, export_dims(comps.dims), file)
+        export_onnx(comps.graph(name, precision), spec, export_dims(comps.dims), file)  # the copy is freed here
         seconds = time.perf_counter() - start
         values = check_dims(comps.dims)
         reference = comps.graph(name, "fp32")
         parity = validate(spec, precision, file, reference, values, sample_inputs(spec, values, seed=1))
         size = file.stat().st_size + sum(p.stat().st_size for p in out.glob(f"{name}.onnx.data"))
         results.append(ExportResult(name, precision, file.name, size, seconds, peak_rss_mb(), parity))
+        del reference
+        comps.release(name)
         logger.info("%s (%s): max abs err %.3g, rel err %.3g", name, precision, parity.max_abs_err, parity.rel_err)
     _copy_assets(paths, out)
     write_manifest(out, paths, comps, results)
