@@ -96,50 +96,42 @@ def _variant(folder: Path) -> str | None:
     return "fp16" if any(".fp16" in n for n in names) else None
 
 
-def _load(what: str, folder: Path, loader):
+def _from_pretrained(what: str, cls, folder: Path, dtype: str, variants: bool = True):
+    """`cls.from_pretrained(folder)` at `dtype` in eval mode; any failure becomes one
+    CheckpointError naming the component and the folder."""
+    import torch
+
     try:
-        return loader()
-    except CheckpointError:
-        raise
+        kwargs = {"variant": _variant(folder)} if variants else {}
+        return cls.from_pretrained(folder, torch_dtype=getattr(torch, dtype), **kwargs).eval()
     except Exception as exc:  # transformers/diffusers raise OSError, ValueError, RuntimeError, safetensors errors
         raise CheckpointError(f"checkpoint: cannot load the {what} from {folder} ({type(exc).__name__}: "
                               f"{str(exc)[:300]}); the files are missing or corrupt") from exc
 
 
 def load_text_encoder(paths: CheckpointPaths, dtype: str = "float32"):
-    import torch
     from diffusers.pipelines.kolors.text_encoder import ChatGLMModel
 
-    folder = paths.text_encoder
-    return _load("text encoder (ChatGLM)", folder, lambda: ChatGLMModel.from_pretrained(
-        folder, torch_dtype=getattr(torch, dtype), variant=_variant(folder)).eval())
+    return _from_pretrained("text encoder (ChatGLM)", ChatGLMModel, paths.text_encoder, dtype)
 
 
 def load_unet(paths: CheckpointPaths, dtype: str = "float32"):
-    import torch
     from diffusers import UNet2DConditionModel
 
-    folder = paths.unet
-    return _load("UNet", folder, lambda: UNet2DConditionModel.from_pretrained(
-        folder, torch_dtype=getattr(torch, dtype), variant=_variant(folder)).eval())
+    return _from_pretrained("UNet", UNet2DConditionModel, paths.unet, dtype)
 
 
 def load_vae(paths: CheckpointPaths, dtype: str = "float32"):
-    import torch
     from diffusers import AutoencoderKL
 
-    folder = paths.vae
-    return _load("VAE", folder, lambda: AutoencoderKL.from_pretrained(
-        folder, torch_dtype=getattr(torch, dtype), variant=_variant(folder)).eval())
+    return _from_pretrained("VAE", AutoencoderKL, paths.vae, dtype)
 
 
 def load_image_encoder(paths: CheckpointPaths, dtype: str = "float32"):
-    import torch
     from transformers import CLIPVisionModelWithProjection
 
-    folder = paths.image_encoder
-    return _load("image encoder (CLIP vision)", folder, lambda: CLIPVisionModelWithProjection.from_pretrained(
-        folder, torch_dtype=getattr(torch, dtype)).eval())
+    return _from_pretrained("image encoder (CLIP vision)", CLIPVisionModelWithProjection, paths.image_encoder,
+                            dtype, variants=False)
 
 
 def model_dims(paths: CheckpointPaths):
