@@ -3,30 +3,32 @@ expected, what was found, and what to do."""
 
 from __future__ import annotations
 
+from kolors_trt.runtime.errors import InputError, ServiceError
 
-class BuilderNotInstalled(RuntimeError):
+
+class BuilderNotInstalled(ServiceError):
     """The TensorRT (or TensorRT-RTX) Python package of a target is missing."""
 
 
-class NoGpuError(RuntimeError):
+class NoGpuError(ServiceError):
     """A target that builds on the GPU was asked to build without one."""
 
 
-class ExportFolderError(ValueError):
+class ExportFolderError(InputError):
     """The export folder (the build's input) is missing a file or is inconsistent."""
 
 
-class OnnxParseError(RuntimeError):
+class OnnxParseError(ServiceError):
     """The TensorRT ONNX parser rejected a graph; the message lists every parser error."""
 
 
-class NetworkMismatchError(ValueError):
+class NetworkMismatchError(InputError):
     """A parsed network's inputs/outputs differ from the engine spec (runtime/spec.py)."""
 
 
-class EngineBuildError(RuntimeError):
+class EngineBuildError(ServiceError):
     """The builder returned no plan."""
 
 
-class EngineFolderError(ValueError):
+class EngineFolderError(InputError):
     """An engine folder failed verification; the message lists every problem."""

@@ -15,6 +15,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from kolors_trt.runtime.errors import InputError
+
 from .ip_weights import IPWeightsError, convert, cross_attention_layers, load_original
 
 logger = logging.getLogger(__name__)
@@ -22,7 +24,7 @@ logger = logging.getLogger(__name__)
 IP_WEIGHT_NAMES = ("ip_adapter_plus_general.safetensors", "ip_adapter_plus_general.bin")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint folder or file is missing, of the wrong layout, or corrupt."""
 
 

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kolors_trt.runtime import spec as S
+from kolors_trt.runtime.errors import InputError
 from kolors_trt.runtime.hashing import sha256_file
 from kolors_trt.runtime.preprocess import CLIP_MEAN, CLIP_STD
 
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 MANIFEST_VERSION = 1
 
 
-class PrecisionError(ValueError):
+class PrecisionError(InputError):
     """A precision setting names an unknown component or precision."""
 
 

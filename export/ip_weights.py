@@ -19,8 +19,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from kolors_trt.runtime.errors import InputError
 
-class IPWeightsError(ValueError):
+
+class IPWeightsError(InputError):
     """The IP-Adapter weights file is missing, corrupt or has the wrong keys."""
 
 

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from kolors_trt.runtime import spec as S
+from kolors_trt.runtime.errors import ServiceError
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ LARGE_MODULE_BYTES = 2**30
 ALIGN = 4096  # external-data offsets page-aligned, so a runtime may mmap them
 
 
-class ExportError(RuntimeError):
+class ExportError(ServiceError):
     """Tracing or saving a component failed."""
 
 

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kolors_trt.runtime import spec as S
+from kolors_trt.runtime.errors import InputError
 
 logger = logging.getLogger(__name__)
 
 
-class ValidationError(ValueError):
+class ValidationError(InputError):
     """An exported graph does not match its PyTorch module or its spec."""
 
 

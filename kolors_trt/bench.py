@@ -34,6 +34,7 @@ from typing import Optional
 
 import numpy as np
 
+from kolors_trt.runtime.errors import InputError
 from kolors_trt.runtime.spec import SAMPLING_DEFAULTS
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ PLOT_STAGES = ("text_encoder", "image_encoder", "denoise", "vae_decoder", "host"
 PROMPT = "一只可爱的小狗在奔跑，高画质，高细节"
 
 
-class BenchError(ValueError):
+class BenchError(InputError):
     """A benchmark setting is invalid or its baseline cannot be loaded."""
 
 

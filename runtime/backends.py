@@ -24,6 +24,7 @@ from typing import Callable, Mapping, Optional
 
 import numpy as np
 
+from .errors import InputError, ServiceError
 from .hashing import sha256_file
 from .postprocess import check_finite
 from .spec import (
@@ -50,7 +51,7 @@ PERMISSIVE_MAX_PIXELS = 16384  # largest side an export folder accepts (ONNX Run
 PERMISSIVE_MAX_BATCH = 64
 
 
-class FolderError(ValueError):
+class FolderError(InputError):
     """A path is not a usable export or engine folder."""
 
 
@@ -58,7 +59,7 @@ class StaleArtifactError(FolderError):
     """A graph or plan file differs from the one its manifest describes."""
 
 
-class BackendError(RuntimeError):
+class BackendError(ServiceError):
     """A backend cannot run here (package missing, no GPU, version or GPU mismatch) or failed."""
 
 

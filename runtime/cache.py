@@ -27,13 +27,15 @@ from typing import Hashable, Optional
 
 import numpy as np
 
+from .errors import InputError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_PROMPT_ITEMS = 64
 DEFAULT_IP_ITEMS = 64
 
 
-class CacheError(ValueError):
+class CacheError(InputError):
     """A cache folder cannot be used."""
 
 

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import InputError
+
 F32, F64, U32 = np.float32, np.float64, np.uint32
 MIN_ELEMENTS = 16  # below this torch uses another (scalar) algorithm; latents are never that small
 _MT_N = 624
 
 
-class NoiseError(ValueError):
+class NoiseError(InputError):
     """A seed or a noise shape outside what torch's CPU generator path covers."""
 
 

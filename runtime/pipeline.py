@@ -39,6 +39,7 @@ import numpy as np
 
 from . import backends as B
 from .cache import DEFAULT_IP_ITEMS, DEFAULT_PROMPT_ITEMS, ArrayCache, LRUCache, content_key, read_only
+from .errors import InputError
 from .noise import torch_randn
 from .postprocess import denormalize, to_pil, to_uint8
 from .preprocess import ClipPreprocess, ImageSource, PreprocessConfigError
@@ -51,7 +52,7 @@ OUTPUT_TYPES = ("pil", "np", "latent")
 MAX_SEED = 2**64
 
 
-class PipelineInputError(ValueError):
+class PipelineInputError(InputError):
     """A generation argument is invalid; raised before any engine runs."""
 
 

@@ -17,12 +17,14 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from .errors import ServiceError
+
 logger = logging.getLogger(__name__)
 
 PNG_PARAMETERS_KEY = "kolors-trt"  # PNG tEXt key holding the generation parameters as JSON
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(ServiceError):
     """A stage produced NaN or Inf (typically an fp16 overflow inside an engine)."""
 
 

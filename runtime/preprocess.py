@@ -33,6 +33,7 @@ from typing import Mapping, Sequence, Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from .errors import InputError
 from .spec import ModelDims
 
 logger = logging.getLogger(__name__)
@@ -44,11 +45,11 @@ MAX_PIXELS = 64_000_000  # larger files are refused before decoding (decompressi
 ImageSource = Union[str, Path, bytes, Image.Image]
 
 
-class ImageInputError(ValueError):
+class ImageInputError(InputError):
     """A reference image cannot be read or is unusable."""
 
 
-class PreprocessConfigError(ValueError):
+class PreprocessConfigError(InputError):
     """preprocessor_config.json asks for something this preprocessing does not reproduce."""
 
 

@@ -25,6 +25,8 @@ from typing import Mapping
 
 import numpy as np
 
+from .errors import InputError
+
 logger = logging.getLogger(__name__)
 
 SCHEDULER_CLASS = "EulerDiscreteScheduler"
@@ -34,11 +36,11 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "original_sample")
 FINAL_SIGMAS = ("zero", "sigma_min")
 
 
-class SchedulerConfigError(ValueError):
+class SchedulerConfigError(InputError):
     """scheduler_config.json asks for something this sampler does not reproduce."""
 
 
-class SchedulerStepError(ValueError):
+class SchedulerStepError(InputError):
     """A sampling call is outside the schedule (step count, step index, shapes)."""
 
 

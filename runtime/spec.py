@@ -21,6 +21,8 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Iterable, Mapping, Union
 
+from .errors import InputError
+
 COMPONENTS = ("text_encoder", "image_encoder", "unet", "vae_decoder")
 PRECISIONS = ("fp16", "fp32")
 DEFAULT_PRECISION = {"text_encoder": "fp16", "image_encoder": "fp16", "unet": "fp16", "vae_decoder": "fp32"}
@@ -40,7 +42,7 @@ TIME_IDS = 6  # [orig_h, orig_w, crop_top, crop_left, target_h, target_w]
 DimEntry = Union[int, str, tuple]
 
 
-class SpecError(ValueError):
+class SpecError(InputError):
     """An input does not match the engine contract."""
 
 

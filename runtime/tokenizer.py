@@ -26,6 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .errors import InputError
 from .spec import TEXT_LENGTH
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ SPECIAL_TOKENS = (
 PREFIX_TOKENS = ("[gMASK]", "sop")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(InputError):
     """The tokenizer model cannot be loaded or the prompts cannot be tokenized."""
 
 
