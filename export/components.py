@@ -137,7 +137,7 @@ class IPAttnProcessor(nn.Module):
         out = merge(F.scaled_dot_product_attention(query, heads(key), heads(value), dropout_p=0.0, is_causal=False))
         ip_key, ip_value = heads(self.to_k_ip(self.ip.tokens)), heads(self.to_v_ip(self.ip.tokens))
         ip_out = merge(F.scaled_dot_product_attention(query, ip_key, ip_value, dropout_p=0.0, is_causal=False))
-        out = out + self.ip.scale * ip_out
+        out = out + self.ip.scale.view(-1, 1, 1) * ip_out  # scale [B]: one per sample
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + residual
@@ -167,7 +167,8 @@ def attach_ip(unet, kv) -> IPInputs:
 class UNetGraph(nn.Module):
     """The IP-augmented Kolors UNet taking IP tokens directly (the resampler runs
     once per image in the image-encoder graph, not per step), the 4096 -> 2048
-    text projection inside, and ip_scale as an input tensor."""
+    text projection inside, and ip_scale as an input tensor with one scale per sample
+    (a batch may hold several requests, each with its own IP-Adapter scale)."""
 
     def __init__(self, unet, kv):
         super().__init__()

@@ -34,7 +34,7 @@ from .validate import Parity, validate
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = S.EXPORT_VERSION
 
 
 class PrecisionError(InputError):

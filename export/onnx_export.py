@@ -52,8 +52,8 @@ def sample_inputs(spec: S.EngineSpec, values: dict, seed: int = 0) -> dict:
             feeds[t.name] = (np.cumsum(mask, axis=1) - 1).clip(min=0).astype(np.int64)
         elif t.name == "timestep":
             feeds[t.name] = np.array([rng.uniform(1, 999)], dtype=np.float32)
-        elif t.name == "ip_scale":
-            feeds[t.name] = np.array([0.7], dtype=np.float32)
+        elif t.name == "ip_scale":  # per row, 0 included: rows must not share one scale
+            feeds[t.name] = np.resize(np.array([0.7, 0.0, 1.3, 0.4], dtype=np.float32), shape)
         elif t.name == "time_ids":
             feeds[t.name] = np.tile(np.array([1024, 1024, 0, 0, 1024, 1024], np.float32), (shape[0], 1))
         else:

@@ -287,7 +287,7 @@ class Pipeline:
         else:
             conditioning = {"encoder_hidden_states": rep(embeds), "text_embeds": rep(pooled),
                             "time_ids": rep(time_ids), "ip_tokens": rep(tokens)}
-        conditioning["ip_scale"] = np.array([ip_scale], dtype=np.float32)
+        conditioning["ip_scale"] = np.full(len(conditioning["time_ids"]), ip_scale, dtype=np.float32)  # [2n or n]
 
         # ---- denoising ----
         noise = torch_randn(shape, int(seed)) if latents is None else latents  # [n, C, h, w]

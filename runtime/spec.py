@@ -36,6 +36,8 @@ TEXT_LENGTH = 256  # ChatGLM3 prompt length in Kolors, fixed
 SAMPLING_DEFAULTS = {"height": 1024, "width": 1024, "num_inference_steps": 50, "guidance_scale": 5.0,
                      "ip_adapter_scale": 0.5}
 EXPORT_FORMAT = "kolors-trt/export"  # manifest.json "format" of an export folder
+# Export manifest "version": 2 = ip_scale per UNet row. The runtime refuses older folders.
+EXPORT_VERSION = 2
 ENGINE_FORMAT = "kolors-trt-engines/1"  # ... and of an engine folder
 TIME_IDS = 6  # [orig_h, orig_w, crop_top, crop_left, target_h, target_w]
 
@@ -192,7 +194,7 @@ def engine_specs(model: ModelDims = ModelDims(), profile: Profile = DEFAULT_PROF
                 TensorSpec("text_embeds", f32, ("unet_batch", m.text_hidden)),
                 TensorSpec("time_ids", f32, ("unet_batch", TIME_IDS)),
                 TensorSpec("ip_tokens", f32, ("unet_batch", m.ip_tokens, m.cross_attention_dim)),
-                TensorSpec("ip_scale", f32, (1,)),
+                TensorSpec("ip_scale", f32, ("unet_batch",)),  # per row: each request its own scale
             ),
             outputs=(TensorSpec("noise_pred", f32, latent),),
             dims={"unet_batch": unet_b, "latent_height": lat_h, "latent_width": lat_w},

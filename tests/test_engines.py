@@ -81,7 +81,7 @@ def _modules(seed: int) -> dict:
 
         def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, ip_tokens, ip_scale):
             ctx = encoder_hidden_states.mean(1) + text_embeds + time_ids.sum(-1, keepdim=True)
-            ctx = ctx + ip_scale * ip_tokens.mean(1)  # [2B, H] (cross_attention_dim == text_hidden here)
+            ctx = ctx + ip_scale[:, None] * ip_tokens.mean(1)  # [2B, H] (cross_attention_dim == text_hidden here)
             out = self.conv(sample.half()) + self.ctx(ctx.half())[:, :, None, None] + timestep.half()
             return out.float()  # [2B, 4, h, w]
 

@@ -116,6 +116,31 @@ def test_unet_wrapper_equals_diffusers_ip_unet(ref_pipe, comps, scale):
     _close(got, want, 1e-5, 1e-4)
 
 
+def test_unet_wrapper_scales_each_row_by_its_own_ip_scale(ref_pipe, comps):
+    """ip_scale [B]: row i of one batched call equals diffusers' UNet at set_ip_adapter_scale(scale[i])."""
+    scales = [0.0, 0.5, 1.3, 0.5]
+    gen = torch.Generator().manual_seed(5)
+    b, h, w = len(scales), 8, 12
+    sample = torch.randn(b, 4, h, w, generator=gen)
+    t = torch.tensor(411.0)
+    text = torch.randn(b, 256, comps.dims.text_hidden, generator=gen)
+    pooled = torch.randn(b, comps.dims.text_hidden, generator=gen)
+    time_ids = torch.tensor([[64.0, 96.0, 0.0, 0.0, 64.0, 96.0]]).repeat(b, 1)
+    hidden = torch.randn(b, 577, comps.clip.config.hidden_size, generator=gen)
+    with torch.no_grad():
+        graph = UNetGraph(comps.unet, comps.kv)
+        got = graph(sample, t.reshape(1), text, pooled, time_ids, comps.resampler(hidden), torch.tensor(scales))
+        for row, scale in enumerate(scales):
+            ref_pipe.set_ip_adapter_scale(scale)
+            want = ref_pipe.unet(sample, t, encoder_hidden_states=text, added_cond_kwargs={
+                "text_embeds": pooled, "time_ids": time_ids, "image_embeds": [hidden[:, None]]}, return_dict=False)[0]
+            _close(got[row], want[row], 1e-5, 1e-4)
+        uniform = graph(sample, t.reshape(1), text, pooled, time_ids, comps.resampler(hidden), torch.full((b,), 0.5))
+    # rows at 0.5 agree with an all-0.5 batch; rows at 0 and 1.3 do not: no scale leaks across rows
+    _close(got[[1, 3]], uniform[[1, 3]], 1e-6, 1e-6)
+    assert (got[[0, 2]] - uniform[[0, 2]]).abs().amax() > 1e-3
+
+
 def test_vae_wrapper_equals_decode(ref_pipe, comps):
     z = torch.randn(2, 4, 8, 12)
     with torch.no_grad():

@@ -37,7 +37,7 @@ class NumpyUNet(Engine):
     def _execute(self, feeds, values):
         f = feeds
         return {"noise_pred": fake_eps(f["sample"], f["timestep"][0], f["encoder_hidden_states"], f["text_embeds"],
-                                       f["ip_tokens"], f["ip_scale"][0], np).astype(np.float32)}
+                                       f["ip_tokens"], f["ip_scale"].reshape(-1, 1, 1, 1), np).astype(np.float32)}
 
 
 class TorchUNet(TrtEngine):
@@ -54,7 +54,7 @@ class TorchUNet(TrtEngine):
     def enqueue(self):
         v = self.set_shapes(self._values)
         v["noise_pred"].copy_(fake_eps(v["sample"], v["timestep"][0], v["encoder_hidden_states"], v["text_embeds"],
-                                       v["ip_tokens"], v["ip_scale"][0], torch))
+                                       v["ip_tokens"], v["ip_scale"].reshape(-1, 1, 1, 1), torch))
 
 
 @pytest.mark.parametrize("n, guidance, steps, h, w", [(1, 5.0, 4, 8, 12), (2, 7.5, 3, 16, 8), (1, 1.0, 2, 8, 8)])
@@ -67,7 +67,7 @@ def test_gpu_loop_math_equals_numpy_loop(n, guidance, steps, h, w):
         "text_embeds": rng.standard_normal((b, DIMS.text_hidden)).astype(np.float32),
         "time_ids": np.tile(np.array([[h * 8, w * 8, 0, 0, h * 8, w * 8]], np.float32), (b, 1)),
         "ip_tokens": rng.standard_normal((b, 16, DIMS.cross_attention_dim)).astype(np.float32),
-        "ip_scale": np.array([0.6], np.float32),
+        "ip_scale": np.resize(np.array([0.6, 0.0, 1.2], np.float32), b),
     }
     latents = rng.standard_normal((n, 4, h, w)).astype(np.float32) * np.float32(14.6)
     scheduler = EulerDiscreteScheduler(SchedulerConfig.from_dict(KOLORS_SCHEDULER), steps)
