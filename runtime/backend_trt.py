@@ -10,9 +10,11 @@ torch provides the CUDA buffers, the stream and CUDA graphs.
 - Buffers are preallocated from the spec at the profile's max shapes; a run at a
   smaller shape uses a contiguous prefix of each buffer, so tensor addresses are
   set once, at load.
-- One CUDA stream for everything. The denoising loop (UNet, CFG combine, Euler
-  update) stays on the device with no host sync; the per-step scalars (sigma,
-  dt, 1/input divisor, t) are read from small device tables.
+- One CUDA stream for everything. The denoising loop (UNet, CFG combine with one
+  guidance scale per row, Euler update) stays on the device with no host sync;
+  the per-step scalars (sigma, dt, 1/input divisor, t) are read from small device
+  tables. The loop copies latents to the host only when ``on_step`` asks for
+  them, and when rows are dropped (a cancelled request), which is rare.
 - With ``cuda_graph`` one step is captured as a CUDA graph per (batch, size)
   and replayed; the step's scalars are copied into fixed slots before each
   replay. Default: on when the engine profile is static.
@@ -26,10 +28,11 @@ from typing import Callable, Mapping, Optional
 
 import numpy as np
 
-from .backends import BackendError, Engine, ModelFolder
+from .engine import Backend, Engine, StepCallback, conditioning_rows, guidance_column
+from .folder import BackendError, ModelFolder
 from .postprocess import check_finite
-from .trt_logger import trt_logger
 from .spec import COMPONENTS, EngineSpec, check_feeds, dim_values, shape_of
+from .trt_logger import trt_logger
 
 logger = logging.getLogger(__name__)
 
@@ -150,23 +153,37 @@ class TrtEngine(Engine):
         return out
 
 
-def open_trt_engines(folder: ModelFolder, backend: str, specs: dict, cuda_graph: Optional[bool]) -> dict:
-    import torch
+class TrtBackend(Backend):
+    """TensorRT / TensorRT-RTX: plans on one CUDA stream, the denoising loop on the GPU. GPU only."""
 
-    trt = check_host(folder, backend)
-    stream = torch.cuda.Stream()
-    graphs = folder.profile.is_static if cuda_graph is None else bool(cuda_graph)
-    rtx = backend == "tensorrt-rtx"
-    return {name: TrtEngine(specs[name], folder, trt, stream, cuda_graph=graphs and name == "unet" and not rtx,
-                            runtime_graphs=graphs and name == "unet" and rtx)
-            for name in COMPONENTS}
+    def __init__(self, engines: dict, name: str):
+        super().__init__(engines)
+        self.name = name
+
+    @classmethod
+    def open(cls, folder: ModelFolder, backend: str, cuda_graph: Optional[bool]) -> "TrtBackend":
+        import torch
+
+        trt = check_host(folder, backend)
+        stream = torch.cuda.Stream()
+        graphs = folder.profile.is_static if cuda_graph is None else bool(cuda_graph)
+        rtx = backend == "tensorrt-rtx"
+        specs = folder.specs
+        engines = {name: TrtEngine(specs[name], folder, trt, stream, cuda_graph=graphs and name == "unet" and not rtx,
+                                   runtime_graphs=graphs and name == "unet" and rtx)
+                   for name in COMPONENTS}
+        return cls(engines, backend)
+
+    def denoise(self, latents: np.ndarray, conditioning: Mapping[str, np.ndarray], scheduler, guidance: np.ndarray,
+                do_cfg: bool, on_step: Optional[StepCallback] = None) -> np.ndarray:
+        return denoise_torch(self.engines["unet"], latents, conditioning, scheduler, guidance, do_cfg, on_step)
 
 
 class _Step:
     """The device-side state of one denoising loop: latents, per-step tables and scalar slots."""
 
     def __init__(self, unet: TrtEngine, latents: np.ndarray, conditioning: Mapping[str, np.ndarray],
-                 scheduler, guidance_scale: float, do_cfg: bool):
+                 scheduler, guidance: np.ndarray, do_cfg: bool):
         import torch
 
         n = latents.shape[0]
@@ -188,7 +205,7 @@ class _Step:
             "dt": dev([np.float32(sig[i + 1] - sig[i]) for i in range(steps)]),
         }
         self.slots = {k: torch.zeros((), dtype=torch.float32, device=device) for k in self.tables}
-        self.guidance = torch.tensor(np.float32(guidance_scale), device=device)
+        self.guidance = dev(guidance_column(guidance))  # [n, 1, 1, 1]: one scale per image row
         self.kind = scheduler.config.prediction_type
         self.x = dev(latents)  # [n, C, h, w]
         self.key = (values["unet_batch"], values["latent_height"], values["latent_width"], do_cfg, self.kind)
@@ -229,47 +246,71 @@ def _capturable(unet: TrtEngine) -> bool:
     return True if check is None else bool(check(unet.stream.cuda_stream))
 
 
-def denoise_torch(unet: TrtEngine, latents: np.ndarray, conditioning: Mapping[str, np.ndarray], scheduler,
-                  guidance_scale: float, do_cfg: bool, on_step: Optional[Callable[[int], None]] = None) -> np.ndarray:
-    """The denoising loop on the GPU; same contract as backends.denoise_numpy. GPU only."""
+def _step_and_graph(unet: TrtEngine, latents: np.ndarray, conditioning: Mapping[str, np.ndarray], scheduler,
+                    guidance: np.ndarray, do_cfg: bool):
+    """A loop state on the device and, with CUDA graphs, the step graph for its shape (captured once per shape)."""
     import torch
 
+    step = _Step(unet, latents, conditioning, scheduler, guidance, do_cfg)
+    graph = unet.graphs.get(step.key) if unet.cuda_graph else None
+    if unet.cuda_graph and graph is None and not _capturable(unet):
+        logger.warning("unet: this execution context cannot be captured on its stream; steps run without a CUDA graph")
+        unet.cuda_graph = False
+    if unet.cuda_graph and graph is None:
+        # TensorRT needs one launch before capture (lazy initialisation); warm up on step 0's values
+        step.load(0)
+        saved = step.x.clone()
+        step.body()
+        step.x.copy_(saved)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=unet.stream):
+            step.body()  # recorded, not run
+        step.x.copy_(saved)
+        unet.graphs[step.key] = (graph, step)
+        return step, graph
+    if graph is not None:
+        graph, captured = graph
+        captured.x.copy_(step.x)  # the graph reads the tensors it captured: move the state there
+        for k in step.tables:
+            captured.tables[k] = step.tables[k]
+        captured.guidance.copy_(step.guidance)
+        return captured, graph
+    return step, None
+
+
+def denoise_torch(unet: TrtEngine, latents: np.ndarray, conditioning: Mapping[str, np.ndarray], scheduler,
+                  guidance: np.ndarray, do_cfg: bool, on_step: Optional[StepCallback] = None) -> np.ndarray:
+    """The denoising loop on the GPU; the contract of engine.Backend.denoise. GPU only."""
+    import torch
+
+    cond, g, start = dict(conditioning), np.asarray(guidance, np.float32), 0
     with torch.cuda.stream(unet.stream):
-        step = _Step(unet, latents, conditioning, scheduler, guidance_scale, do_cfg)
-        graph = unet.graphs.get(step.key) if unet.cuda_graph else None
-        if unet.cuda_graph and graph is None and not _capturable(unet):
-            logger.warning("unet: this execution context cannot be captured on its stream; steps run without a CUDA graph")
-            unet.cuda_graph = False
-        if unet.cuda_graph and graph is None:
-            # TensorRT needs one launch before capture (lazy initialisation); warm up on step 0's values
-            step.load(0)
-            saved = step.x.clone()
-            step.body()
-            step.x.copy_(saved)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=unet.stream):
-                step.body()  # recorded, not run
-            step.x.copy_(saved)
-            unet.graphs[step.key] = (graph, step)
-        elif graph is not None:
-            graph, captured = graph
-            captured.x.copy_(step.x)  # the graph reads the tensors it captured: move the state there
-            for k in step.tables:
-                captured.tables[k] = step.tables[k]
-            captured.guidance.copy_(step.guidance)
-            step = captured
-        for i in range(len(scheduler)):
-            step.load(i)
-            if graph is not None:
-                graph.replay()
-            else:
-                step.body()
-            unet.runs += 1
-            if on_step is not None:
-                on_step(i)  # host-side progress only; it does not wait for the GPU
-        out = step.x.cpu().numpy()  # the one sync of the loop
+        while True:
+            step, graph = _step_and_graph(unet, latents, cond, scheduler, g, do_cfg)
+            keep = None
+            for i in range(start, len(scheduler)):
+                step.load(i)
+                if graph is not None:
+                    graph.replay()
+                else:
+                    step.body()
+                unet.runs += 1
+                if on_step is not None:  # host-side; it waits for the GPU only if it reads the latents
+                    keep = on_step(i, lambda: step.x.cpu().numpy())
+                    if keep is not None:
+                        break
+            out = step.x.cpu().numpy()  # the one sync of an uninterrupted loop
+            if keep is None:
+                break
+            keep = list(keep)
+            rows = conditioning_rows(keep, len(out), do_cfg)
+            latents, g, out = out[keep], g[keep], out[keep]
+            cond = {name: value[rows] for name, value in cond.items()}
+            start = i + 1
+            if not keep or start == len(scheduler):
+                break
     check_finite("unet", "latents (denoising loop)", out)
     return out
 
 
-__all__ = ["TrtEngine", "check_host", "denoise_torch", "open_trt_engines"]
+__all__ = ["TrtBackend", "TrtEngine", "check_host", "denoise_torch"]

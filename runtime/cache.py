@@ -11,15 +11,23 @@ exactly when the encoder would see the same tensor; and a disk folder shared by
 two models never mixes their tokens. Its cost is one decode and resize per
 request (milliseconds), far below one encoder run.
 
-Files are plain ``.npy`` read with ``allow_pickle=False``; a damaged file is
-logged, deleted and counted as a miss.
+Files are plain ``.npy`` read with ``allow_pickle=False`` and checked before use
+(an ndarray of the expected dtype and shape, all finite); a damaged, truncated,
+foreign or non-finite file is logged, deleted and counted as a miss, so the value
+is recomputed and the file rewritten. Each file is written under a temporary name
+unique to its writer and renamed into place (manifest.atomic_path), so threads and
+processes sharing a folder never read half a file.
+
+Both caches lock themselves: one Pipeline may serve several threads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +36,7 @@ from typing import Hashable, Optional
 import numpy as np
 
 from .errors import InputError
+from .manifest import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +67,7 @@ class LRUCache:
             raise CacheError(f"cache: max_items must be >= 0, found {max_items}")
         self.max_items = int(max_items)
         self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
         self.stats = CacheStats()
 
     def __len__(self) -> int:
@@ -66,29 +76,38 @@ class LRUCache:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._items
 
-    def get(self, key: Hashable):
-        if key in self._items:
-            self._items.move_to_end(key)
-            self.stats.hits += 1
-            return self._items[key]
-        self.stats.misses += 1
-        return None
+    def get(self, key: Hashable, count_miss: bool = True):
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                self.stats.hits += 1
+                return self._items[key]
+            if count_miss:
+                self.stats.misses += 1
+            return None
 
     def put(self, key: Hashable, value) -> None:
-        self.stats.stores += 1
+        with self._lock:
+            self.stats.stores += 1
         self.insert(key, value)
 
     def insert(self, key: Hashable, value) -> None:
         """Store without counting (a value promoted from disk)."""
         if self.max_items == 0:
             return
-        self._items[key] = read_only(value)
-        self._items.move_to_end(key)
-        while len(self._items) > self.max_items:
-            self._items.popitem(last=False)
+        with self._lock:
+            self._items[key] = read_only(value)
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+
+    def count(self, name: str) -> None:
+        with self._lock:
+            setattr(self.stats, name, getattr(self.stats, name) + 1)
 
     def clear(self) -> None:
-        self._items.clear()
+        with self._lock:
+            self._items.clear()
 
 
 def read_only(value):
@@ -110,10 +129,13 @@ def content_key(namespace: str, array: np.ndarray) -> str:
 
 
 class ArrayCache:
-    """Memory LRU of arrays by string key, backed by ``folder/{key}.npy`` when a folder is given."""
+    """Memory LRU of float32 arrays by string key, backed by ``folder/{key}.npy`` when a folder is given.
+    ``shape``: the shape every value has (files of another shape are discarded)."""
 
-    def __init__(self, max_items: int = DEFAULT_IP_ITEMS, folder: Optional[str | Path] = None):
+    def __init__(self, max_items: int = DEFAULT_IP_ITEMS, folder: Optional[str | Path] = None,
+                 shape: Optional[tuple] = None):
         self.memory = LRUCache(max_items)
+        self.shape = None if shape is None else tuple(shape)
         self.folder = Path(folder) if folder is not None else None
         if self.folder is not None:
             try:
@@ -130,21 +152,46 @@ class ArrayCache:
     def _path(self, key: str) -> Path:
         return self.folder / f"{key}.npy"
 
+    def problem(self, value) -> Optional[str]:
+        """Why a value read from disk cannot be used, or None."""
+        if not isinstance(value, np.ndarray):
+            return f"holds a {type(value).__name__}, not one array (.npz or another format)"
+        if value.dtype != np.float32:
+            return f"has dtype {value.dtype}, expected float32"
+        if self.shape is not None and value.shape != self.shape:
+            return f"has shape {value.shape}, expected {self.shape}"
+        if not np.isfinite(value).all():
+            return "holds NaN or Inf"
+        return None
+
+    def _load(self, path: Path) -> Optional[np.ndarray]:
+        """The checked array of a cache file; a bad file is deleted (None)."""
+        try:
+            value = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            reason = f"is unreadable ({err})"
+        else:
+            reason = self.problem(value)
+            if reason is None:
+                return value
+            if hasattr(value, "close"):  # an NpzFile holds its file open
+                value.close()
+        logger.warning("cache: %s %s; deleting it and recomputing", path, reason)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return None
+
     def get(self, key: str) -> Optional[np.ndarray]:
-        if key in self.memory:
-            return self.memory.get(key)
+        value = self.memory.get(key, count_miss=False)
+        if value is not None:
+            return value
         if self.folder is not None and self._path(key).is_file():
-            path = self._path(key)
-            try:
-                value = np.load(path, allow_pickle=False)
-            except (OSError, ValueError) as err:
-                logger.warning("cache: %s is unreadable (%s); deleting it and recomputing", path, err)
-                path.unlink(missing_ok=True)
-            else:
-                self.memory.stats.disk_hits += 1
+            value = self._load(self._path(key))
+            if value is not None:
+                self.memory.count("disk_hits")
                 self.memory.insert(key, value)
                 return value
-        self.memory.stats.misses += 1
+        self.memory.count("misses")
         return None
 
     def put(self, key: str, value: np.ndarray) -> None:
@@ -152,12 +199,10 @@ class ArrayCache:
         if self.folder is None:
             return
         path = self._path(key)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
         try:
-            np.save(tmp, np.ascontiguousarray(value), allow_pickle=False)
-            os.replace(tmp, path)  # atomic: a reader never sees half a file
+            with atomic_path(path) as tmp:  # a name unique to this writer, renamed into place
+                np.save(tmp, np.ascontiguousarray(value), allow_pickle=False)
         except OSError as err:
-            tmp.unlink(missing_ok=True)
             logger.warning("cache: cannot write %s (%s); keeping the value in memory only", path, err)
 
 

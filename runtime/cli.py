@@ -16,7 +16,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from .backends import BACKENDS
+from .folder import BACKENDS
 
 logger = logging.getLogger(__name__)
 

@@ -38,7 +38,11 @@ TMP_MARK = ".kt-tmp-"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-class ManifestError(InputError):
+class FolderError(InputError):
+    """A path is not a usable export or engine folder."""
+
+
+class ManifestError(FolderError):
     """A manifest is missing, unreadable or has a field of the wrong kind; names the file and the field."""
 
 
@@ -251,6 +255,7 @@ def verify_files(root: str | Path, expected: Mapping[str, str], where: str | Pat
 
 
 __all__ = [
+    "FolderError",
     "MANIFEST",
     "ManifestError",
     "PathEscapeError",

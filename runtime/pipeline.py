@@ -22,28 +22,48 @@ pipeline without an image (the UNet's image projection needs
 ``image_embeds``). The runtime does the same unless ``ip_adapter_scale`` is 0,
 where it uses the zero-image tokens for both branches: the IP attention is
 multiplied by 0, so the image equals diffusers' with any reference at scale 0.
-Only a single string prompt is supported (diffusers also takes lists).
+One request is one prompt (diffusers also takes lists); several users' requests
+run together through ``generate_batch`` (below).
+
+Batching. ``generate_batch`` takes ``GenerationRequest``s, checks every one before
+any engine runs, and groups those that share (height, width, steps, CFG on/off)
+into one UNet call per step, up to the engine profile's batch; each row keeps its
+own prompt and negative embeddings, IP tokens, IP scale (a per-row UNet input),
+guidance scale (a per-row CFG combine) and seed (diffusers' per-generator noise),
+so a batched request gives its solo result. ``generate`` is the one-request case.
+
+Threads. A Pipeline may be called from several threads: the engine work of each
+call (encoders, denoising, VAE) runs under one lock, because the engines share one
+stream and one set of buffers; argument checks and image preprocessing run
+outside it. The prompt and IP-token caches lock themselves, and the disk cache
+writes each file under a name unique to its writer, then renames it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import secrets
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from . import backends as B
+from .backends import open_backend
 from .cache import DEFAULT_IP_ITEMS, DEFAULT_PROMPT_ITEMS, ArrayCache, LRUCache, content_key, read_only
+from .engine import Backend
 from .errors import InputError
+from .folder import ModelFolder, read_folder, resolve_backend
 from .noise import torch_randn
 from .postprocess import denormalize, to_pil, to_uint8
 from .preprocess import ClipPreprocess, ImageSource, PreprocessConfigError
 from .scheduler import EulerDiscreteScheduler, SchedulerConfig
+from .spec import Profile
 from .tokenizer import ChatGLMTokenizer
 
 logger = logging.getLogger(__name__)
@@ -51,18 +71,73 @@ logger = logging.getLogger(__name__)
 OUTPUT_TYPES = ("pil", "np", "latent")
 MAX_SEED = 2**64
 
+# on_step(request_index, step_index, steps, latents) after each denoising step of a live request;
+# latents() returns that request's current latents [n, C, h, w] (a GPU backend copies them only when called)
+RequestStepCallback = Callable[[int, int, int, Callable[[], np.ndarray]], None]
+
 
 class PipelineInputError(InputError):
     """A generation argument is invalid; raised before any engine runs."""
 
 
 @dataclass
+class GenerationRequest:
+    """One request: the arguments of ``Pipeline.generate``, same names, same meaning, same defaults
+    (None = the model folder's manifest default)."""
+
+    prompt: str
+    ip_adapter_image: Optional[ImageSource] = None
+    negative_prompt: Optional[str] = None
+    height: Optional[int] = None
+    width: Optional[int] = None
+    num_inference_steps: Optional[int] = None
+    guidance_scale: Optional[float] = None
+    ip_adapter_scale: Optional[float] = None
+    seed: Optional[int] = None
+    num_images_per_prompt: int = 1
+    ip_adapter_tokens: Optional[np.ndarray] = None
+    latents: Optional[np.ndarray] = None
+    output_type: str = "pil"
+
+
+@dataclass
 class Generation:
-    """One request's result: images (per output_type), the final latents, and what made them."""
+    """One request's result: images (per output_type), the final latents, and what made them.
+    A request stopped by ``cancelled`` has ``cancelled`` True and neither images nor latents."""
 
     images: object  # list of PIL images, float [B, H, W, 3] in [0, 1] ("np") or the latents ("latent")
-    latents: np.ndarray  # [B, C, H/8, W/8] before 1/vae_scaling_factor
+    latents: Optional[np.ndarray]  # [B, C, H/8, W/8] before 1/vae_scaling_factor
     parameters: dict = field(default_factory=dict)
+    cancelled: bool = False
+
+
+@dataclass
+class _Job:
+    """A request after its checks: every value resolved, the image preprocessed."""
+
+    index: int
+    prompt: str
+    negative_prompt: Optional[str]
+    height: int
+    width: int
+    steps: int
+    guidance: float
+    ip_scale: float
+    seed: Optional[int]  # None when the caller gave latents
+    n: int
+    pixels: Optional[np.ndarray]  # [1, 3, S, S]
+    tokens: Optional[np.ndarray]  # [1, T, C]
+    latents: Optional[np.ndarray]  # [n, C, h, w]
+    output_type: str
+
+    @property
+    def do_cfg(self) -> bool:
+        return self.guidance > 1
+
+    @property
+    def key(self) -> tuple:
+        """Requests with the same key share one UNet batch."""
+        return self.height, self.width, self.steps, self.do_cfg
 
 
 def _is_int(value) -> bool:
@@ -80,14 +155,19 @@ def _finite(name: str, value) -> float:
 
 
 class Pipeline:
-    """Kolors + IP-Adapter-Plus on one model folder. Build it with ``Pipeline.load``."""
+    """Kolors + IP-Adapter-Plus on one model folder. Build it with ``Pipeline.load``.
 
-    def __init__(self, folder: B.ModelFolder, backend: str, engines: dict, tokenizer: ChatGLMTokenizer,
+    Thread-safe: calls from several threads are serialised around the engines (one stream, one set of
+    buffers); their checks and image preprocessing run in parallel; the caches are shared."""
+
+    def __init__(self, folder: ModelFolder, backend: Backend, tokenizer: ChatGLMTokenizer,
                  scheduler_config: SchedulerConfig, clip: ClipPreprocess, ip_cache: ArrayCache,
                  prompt_items: int = DEFAULT_PROMPT_ITEMS):
         self.folder = folder
-        self.backend = backend
-        self.engines = engines
+        self.backend = backend.name
+        self.engines = backend.engines
+        self._runner = backend
+        self._lock = threading.RLock()  # the engines: one caller at a time
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
         self.clip = clip
@@ -110,23 +190,26 @@ class Pipeline:
 
     @classmethod
     def load(cls, folder: str | Path, backend: str = "auto", cache_dir: Optional[str | Path] = None,
-             verify: bool = True, ip_cache_items: int = DEFAULT_IP_ITEMS,
-             cuda_graph: Optional[bool] = None) -> "Pipeline":
+             verify: bool = True, prompt_cache_items: int = DEFAULT_PROMPT_ITEMS, ip_cache_items: int = DEFAULT_IP_ITEMS,
+             cuda_graph: Optional[bool] = None, limits: Optional[Profile] = None) -> "Pipeline":
         """Open an export folder (ONNX Runtime) or engine folder (TensorRT / TensorRT-RTX).
 
         backend: "auto" | "onnxruntime" | "tensorrt" | "tensorrt-rtx". cache_dir: a folder for IP tokens
-        that survives restarts. verify: hash every graph/plan against the manifest. cuda_graph (TensorRT
-        only): capture each denoising step in a CUDA graph; None = when the engine profile is static.
+        that survives restarts. verify: check every graph/plan against the manifest's sha256 (files unchanged
+        since the last check are not re-hashed). cuda_graph (TensorRT only): capture each denoising step in a
+        CUDA graph; None = when the engine profile is static. limits (export folders): the sizes and batch
+        accepted, default ``folder.onnx_limits`` (engine folders take their build profile).
         """
-        model = B.read_folder(folder, verify=verify)
-        name = B.resolve_backend(model, backend)
+        model = read_folder(folder, verify=verify, limits=limits)
+        name = resolve_backend(model, backend)
         tokenizer = ChatGLMTokenizer.from_file(model.root / "tokenizer", max_length=model.model_dims.text_length)
         scheduler_config = SchedulerConfig.from_file(model.root / "scheduler")
         clip = _clip_preprocess(model)
-        ip_cache = ArrayCache(ip_cache_items, cache_dir)
-        engines = B.open_engines(model, name, cuda_graph)
+        dims = model.model_dims
+        ip_cache = ArrayCache(ip_cache_items, cache_dir, shape=(1, dims.ip_tokens, dims.cross_attention_dim))
+        runner = open_backend(model, name, cuda_graph)
         logger.info("loaded %s (%s) on %s", model.root, model.kind, name)
-        return cls(model, name, engines, tokenizer, scheduler_config, clip, ip_cache)
+        return cls(model, runner, tokenizer, scheduler_config, clip, ip_cache, prompt_cache_items)
 
     # ---- encoders ----------------------------------------------------------------------------
 
@@ -142,10 +225,11 @@ class Pipeline:
         """(prompt_embeds [1, 256, D], pooled [1, D]) of one prompt, from the LRU when seen before."""
         if not isinstance(text, str):
             raise PipelineInputError(f"pipeline: prompts must be strings, found {type(text).__name__}")
-        cached = self.prompt_cache.get(text)
-        if cached is None:
-            cached = self._run_text_encoder(text)
-            self.prompt_cache.put(text, cached)
+        with self._lock:
+            cached = self.prompt_cache.get(text)
+            if cached is None:
+                cached = self._run_text_encoder(text)
+                self.prompt_cache.put(text, cached)
         return cached
 
     def _negative(self, negative_prompt: Optional[str]) -> tuple:
@@ -163,16 +247,21 @@ class Pipeline:
         """IP tokens [1, 16, C] of a reference image (path, bytes or PIL image); cached by content."""
         return self._ip_tokens(self.pixel_values(image))
 
+    def image_key(self, pixel_values: np.ndarray) -> str:
+        """The content id of preprocessed pixels (and of this image encoder): the IP-token cache key."""
+        return content_key(self._ip_namespace, pixel_values)
+
     def _ip_tokens(self, pixel_values: np.ndarray) -> np.ndarray:
-        key = content_key(self._ip_namespace, pixel_values)
-        tokens = self.ip_cache.get(key)
-        if tokens is None:
-            with self._stage("image_encoder"):
-                tokens = self.engines["image_encoder"].run({"pixel_values": pixel_values})["ip_tokens"]
-            self.ip_cache.put(key, tokens)
+        key = self.image_key(pixel_values)
+        with self._lock:
+            tokens = self.ip_cache.get(key)
+            if tokens is None:
+                with self._stage("image_encoder"):
+                    tokens = self.engines["image_encoder"].run({"pixel_values": pixel_values})["ip_tokens"]
+                self.ip_cache.put(key, tokens)
         return tokens
 
-    # ---- requests ----------------------------------------------------------------------------
+    # ---- checks ------------------------------------------------------------------------------
 
     def stats(self) -> dict:
         """Engine runs per component and cache counters."""
@@ -181,6 +270,14 @@ class Pipeline:
             "prompt_cache": self.prompt_cache.stats.as_dict(),
             "ip_cache": self.ip_cache.stats.as_dict(),
         }
+
+    def batch_limits(self, do_cfg: bool) -> tuple[int, int]:
+        """(fewest, most) images one UNet batch takes with or without CFG: the UNet's and the VAE's
+        profiles together. Fewer than the fewest are padded (static profiles)."""
+        specs = self.folder.specs
+        unet, vae = specs["unet"].dims["unet_batch"], specs["vae_decoder"].dims["batch"]
+        f = 2 if do_cfg else 1
+        return max(-(-unet.min // f), vae.min), min(unet.max // f, vae.max)
 
     def _check_size(self, name: str, value, default) -> int:
         value = default if value is None else value
@@ -193,15 +290,20 @@ class Pipeline:
                 f"x UNet downsampling {self.folder.model_dims.latent_multiple}); use e.g. {max(unit, value // unit * unit)}"
             )
         if not r.contains(value):
-            raise PipelineInputError(
-                f"pipeline: {name} {value} is outside the engine profile [{r.min}, {r.max}] of {self.folder.root}; "
-                "rebuild the engines with a profile that covers it"
-            )
+            if self.folder.kind == "engines":
+                where, hint = "the engine profile", "rebuild the engines with a profile that covers it"
+            else:
+                where, hint = "the export folder's limits", "raise them with --max-size (Pipeline.load(limits=...))"
+            raise PipelineInputError(f"pipeline: {name} {value} is outside {where} [{r.min}, {r.max}] of "
+                                     f"{self.folder.root}; {hint}")
         return int(value)
 
     def _check_tokens(self, tokens) -> np.ndarray:
         want = (1, self.folder.model_dims.ip_tokens, self.folder.model_dims.cross_attention_dim)
-        arr = np.asarray(tokens, dtype=np.float32)
+        try:
+            arr = np.asarray(tokens, dtype=np.float32)
+        except (TypeError, ValueError) as err:
+            raise PipelineInputError(f"pipeline: ip_adapter_tokens are not a float array ({err})") from None
         if arr.ndim == 2:
             arr = arr[None]
         if arr.shape != want:
@@ -210,6 +312,66 @@ class Pipeline:
             raise PipelineInputError("pipeline: ip_adapter_tokens hold NaN or Inf")
         return arr
 
+    def check(self, request: GenerationRequest, index: int = 0) -> _Job:
+        """Every check of one request, and its image preprocessed; no engine runs. Raises PipelineInputError
+        (or ImageInputError, SchedulerStepError) naming the argument."""
+        if not isinstance(request, GenerationRequest):
+            raise PipelineInputError(f"pipeline: expected a GenerationRequest, found {type(request).__name__}")
+        r, d = request, self.defaults
+        if not isinstance(r.prompt, str):
+            raise PipelineInputError(f"pipeline: prompt must be a string, found {type(r.prompt).__name__}")
+        if r.negative_prompt is not None and not isinstance(r.negative_prompt, str):
+            raise PipelineInputError(
+                f"pipeline: negative_prompt must be a string or None, found {type(r.negative_prompt).__name__}")
+        if r.output_type not in OUTPUT_TYPES:
+            raise PipelineInputError(f"pipeline: output_type {r.output_type!r} is not one of {OUTPUT_TYPES}")
+        height = self._check_size("height", r.height, d.get("height"))
+        width = self._check_size("width", r.width, d.get("width"))
+        steps = d.get("num_inference_steps") if r.num_inference_steps is None else r.num_inference_steps
+        if not _is_int(steps) or steps < 1:
+            raise PipelineInputError(f"pipeline: num_inference_steps must be an int >= 1, found {steps!r}")
+        EulerDiscreteScheduler(self.scheduler_config, int(steps))  # SchedulerStepError past the schedule
+        guidance = _finite("guidance_scale", d.get("guidance_scale") if r.guidance_scale is None else r.guidance_scale)
+        ip_scale = _finite("ip_adapter_scale",
+                           d.get("ip_adapter_scale") if r.ip_adapter_scale is None else r.ip_adapter_scale)
+        n = r.num_images_per_prompt
+        fewest, most = self.batch_limits(guidance > 1)
+        if not _is_int(n) or not 1 <= n <= most:
+            raise PipelineInputError(f"pipeline: num_images_per_prompt must be an int in [1, {most}] (the engine "
+                                     f"profile's batch), found {n!r}")
+        if fewest > most:
+            raise PipelineInputError(
+                f"pipeline: the UNet engine of {self.folder.root} takes no batch without guidance (a static profile is "
+                "built for guidance > 1 only): set guidance_scale > 1 or rebuild the engines")
+        seed = r.seed
+        if seed is None and r.latents is None:
+            seed = secrets.randbelow(2**63)
+        elif seed is not None and (not _is_int(seed) or not 0 <= seed < MAX_SEED):
+            raise PipelineInputError(f"pipeline: seed must be an int in [0, 2**64), found {seed!r}")
+        if r.ip_adapter_image is not None and r.ip_adapter_tokens is not None:
+            raise PipelineInputError("pipeline: pass either ip_adapter_image or ip_adapter_tokens, not both")
+        if r.ip_adapter_image is None and r.ip_adapter_tokens is None and ip_scale != 0:
+            raise PipelineInputError(
+                "pipeline: an IP-Adapter pipeline needs a reference image (ip_adapter_image) or its tokens "
+                "(ip_adapter_tokens from encode_image), as diffusers does; or set ip_adapter_scale=0"
+            )
+        dims = self.folder.model_dims
+        shape = (n, dims.latent_channels, height // dims.vae_scale, width // dims.vae_scale)
+        latents = None
+        if r.latents is not None:
+            latents = np.asarray(r.latents, dtype=np.float32)
+            if latents.shape != shape:
+                raise PipelineInputError(f"pipeline: latents have shape {latents.shape}, expected {shape}")
+            if not np.isfinite(latents).all():
+                raise PipelineInputError("pipeline: latents hold NaN or Inf")
+            seed = None
+        tokens = self._check_tokens(r.ip_adapter_tokens) if r.ip_adapter_tokens is not None else None
+        pixels = self.pixel_values(r.ip_adapter_image) if r.ip_adapter_image is not None else None  # ImageInputError
+        return _Job(index, r.prompt, r.negative_prompt, height, width, int(steps), guidance, ip_scale,
+                    None if seed is None else int(seed), int(n), pixels, tokens, latents, r.output_type)
+
+    # ---- requests ----------------------------------------------------------------------------
+
     def generate(self, prompt: str, ip_adapter_image: Optional[ImageSource] = None,
                  negative_prompt: Optional[str] = None, height: Optional[int] = None, width: Optional[int] = None,
                  num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
@@ -217,119 +379,177 @@ class Pipeline:
                  num_images_per_prompt: int = 1, ip_adapter_tokens: Optional[np.ndarray] = None,
                  latents: Optional[np.ndarray] = None, output_type: str = "pil",
                  progress: bool = False) -> Generation:
-        """Run one request; every argument is checked before an engine runs. None = the manifest default."""
-        d = self.defaults
-        # ---- checks (no engine runs before all of them pass) ----
-        if not isinstance(prompt, str):
-            raise PipelineInputError(f"pipeline: prompt must be a string, found {type(prompt).__name__}")
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            raise PipelineInputError(f"pipeline: negative_prompt must be a string or None, found {type(negative_prompt).__name__}")
-        if output_type not in OUTPUT_TYPES:
-            raise PipelineInputError(f"pipeline: output_type {output_type!r} is not one of {OUTPUT_TYPES}")
-        height = self._check_size("height", height, d.get("height"))
-        width = self._check_size("width", width, d.get("width"))
-        steps = d.get("num_inference_steps") if num_inference_steps is None else num_inference_steps
-        if not _is_int(steps) or steps < 1:
-            raise PipelineInputError(f"pipeline: num_inference_steps must be an int >= 1, found {steps!r}")
-        guidance = _finite("guidance_scale", d.get("guidance_scale") if guidance_scale is None else guidance_scale)
-        ip_scale = _finite("ip_adapter_scale", d.get("ip_adapter_scale") if ip_adapter_scale is None else ip_adapter_scale)
-        n = num_images_per_prompt
-        batch = self.folder.profile.batch
-        if not _is_int(n) or not batch.contains(n):
-            raise PipelineInputError(
-                f"pipeline: num_images_per_prompt must be an int in the engine profile [{batch.min}, {batch.max}], found {n!r}"
-            )
-        do_cfg = guidance > 1
-        unet_batch = self.engines["unet"].spec.dims["unet_batch"]
-        if not unet_batch.contains(2 * n if do_cfg else n):
-            raise PipelineInputError(
-                f"pipeline: the UNet engine takes batches [{unet_batch.min}, {unet_batch.max}]; {n} image(s) "
-                f"{'with' if do_cfg else 'without'} guidance need {2 * n if do_cfg else n} (a static profile is built "
-                "for guidance > 1 only): change guidance_scale or rebuild the engines"
-            )
-        if seed is None:
-            seed = secrets.randbelow(2**63)
-        elif not _is_int(seed) or not 0 <= seed < MAX_SEED:
-            raise PipelineInputError(f"pipeline: seed must be an int in [0, 2**64), found {seed!r}")
-        if ip_adapter_image is not None and ip_adapter_tokens is not None:
-            raise PipelineInputError("pipeline: pass either ip_adapter_image or ip_adapter_tokens, not both")
-        if ip_adapter_image is None and ip_adapter_tokens is None and ip_scale != 0:
-            raise PipelineInputError(
-                "pipeline: an IP-Adapter pipeline needs a reference image (ip_adapter_image) or its tokens "
-                "(ip_adapter_tokens from encode_image), as diffusers does; or set ip_adapter_scale=0"
-            )
-        scheduler = EulerDiscreteScheduler(self.scheduler_config, int(steps))  # SchedulerStepError past the schedule
-        dims = self.folder.model_dims
-        shape = (n, dims.latent_channels, height // dims.vae_scale, width // dims.vae_scale)
-        if latents is not None:
-            latents = np.asarray(latents, dtype=np.float32)
-            if latents.shape != shape:
-                raise PipelineInputError(f"pipeline: latents have shape {latents.shape}, expected {shape}")
-            if not np.isfinite(latents).all():
-                raise PipelineInputError("pipeline: latents hold NaN or Inf")
-        tokens = self._check_tokens(ip_adapter_tokens) if ip_adapter_tokens is not None else None
-        pixels = self.pixel_values(ip_adapter_image) if ip_adapter_image is not None else None  # ImageInputError
+        """Run one request (``generate_batch`` of one); every argument is checked before an engine runs.
+        None = the manifest default."""
+        request = GenerationRequest(prompt, ip_adapter_image, negative_prompt, height, width, num_inference_steps,
+                                    guidance_scale, ip_adapter_scale, seed, num_images_per_prompt, ip_adapter_tokens,
+                                    latents, output_type)
+        return self.generate_batch([request], progress=progress)[0]
 
-        # ---- encoders: once per request at most, cached ----
-        embeds, pooled = self.encode_prompt(prompt)
-        if tokens is None:
-            tokens = self._ip_tokens(pixels) if pixels is not None else self.zero_ip_tokens
-        time_ids = np.array([[height, width, 0, 0, height, width]], dtype=np.float32)  # [1, 6]
-        rep = lambda a: np.repeat(a, n, axis=0)  # noqa: E731  [1, ...] -> [n, ...]
-        if do_cfg:
-            neg_embeds, neg_pooled = self._negative(negative_prompt)
-            conditioning = {
-                "encoder_hidden_states": np.concatenate([rep(neg_embeds), rep(embeds)]),  # [2n, L, D]
-                "text_embeds": np.concatenate([rep(neg_pooled), rep(pooled)]),  # [2n, D]
-                "time_ids": np.repeat(time_ids, 2 * n, axis=0),  # [2n, 6]: uncond and cond sizes are equal
-                "ip_tokens": np.concatenate([rep(self.zero_ip_tokens), rep(tokens)]),  # [2n, 16, C]
-            }
-        else:
-            conditioning = {"encoder_hidden_states": rep(embeds), "text_embeds": rep(pooled),
-                            "time_ids": rep(time_ids), "ip_tokens": rep(tokens)}
-        conditioning["ip_scale"] = np.full(len(conditioning["time_ids"]), ip_scale, dtype=np.float32)  # [2n or n]
+    def __call__(self, *args, **kwargs):
+        """diffusers-style call: ``generate(...)``'s images only (a list of PIL images for output_type "pil")."""
+        return self.generate(*args, **kwargs).images
 
-        # ---- denoising ----
-        noise = torch_randn(shape, int(seed)) if latents is None else latents  # [n, C, h, w]
-        x = noise * scheduler.init_noise_sigma
-        x = self._denoise(x, conditioning, scheduler, guidance, do_cfg, progress)
-        parameters = {
-            "prompt": prompt, "negative_prompt": "" if negative_prompt is None else negative_prompt,
-            "seed": int(seed) if latents is None else None, "height": height, "width": width,
-            "num_inference_steps": int(steps), "guidance_scale": guidance, "ip_adapter_scale": ip_scale,
-            "num_images_per_prompt": int(n), "backend": self.backend, "model": str(self.folder.root),
-        }
-        if output_type == "latent":
-            return Generation(x, x, parameters)
-        decoded = self.decode(x)
-        images = denormalize(decoded).transpose(0, 2, 3, 1) if output_type == "np" else to_pil(to_uint8(decoded))
-        return Generation(images, x, parameters)
+    __call__.__signature__ = inspect.signature(generate)
 
-    def __call__(self, prompt: str, ip_adapter_image: Optional[ImageSource] = None,
-                 negative_prompt: Optional[str] = None, height: Optional[int] = None, width: Optional[int] = None,
-                 num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
-                 ip_adapter_scale: Optional[float] = None, seed: Optional[int] = None,
-                 num_images_per_prompt: int = 1, ip_adapter_tokens: Optional[np.ndarray] = None,
-                 latents: Optional[np.ndarray] = None, output_type: str = "pil", progress: bool = False):
-        """diffusers-style call: the images only (a list of PIL images for output_type "pil")."""
-        return self.generate(prompt, ip_adapter_image, negative_prompt, height, width, num_inference_steps,
-                             guidance_scale, ip_adapter_scale, seed, num_images_per_prompt, ip_adapter_tokens,
-                             latents, output_type, progress).images
+    def generate_batch(self, requests: Sequence[GenerationRequest], progress: bool = False,
+                       on_step: Optional[RequestStepCallback] = None,
+                       cancelled: Optional[Callable[[int], bool]] = None) -> list[Generation]:
+        """Run several requests; one Generation per request, in order.
 
-    def _denoise(self, x, conditioning, scheduler, guidance, do_cfg, progress) -> np.ndarray:
+        Every request is checked before any engine runs (one bad request raises, nothing runs). Requests that
+        share (height, width, steps, CFG on/off) run as one UNet batch per step, up to the profile's batch;
+        other lists are split into such groups, run in the order of their first request.
+
+        on_step(index, step, steps, latents) is called after each denoising step of each request still
+        running (index into ``requests``). cancelled(index) is asked between steps: a cancelled request's
+        rows leave the batch (where the profile allows a smaller batch) and it gets a Generation with
+        ``cancelled`` True; when every request of a batch is cancelled its loop stops.
+        """
+        jobs = [self.check(request, i) for i, request in enumerate(requests)]
+        results: list = [None] * len(jobs)
+        for chunk in self._chunks(jobs):
+            with self._lock:
+                for job, result in zip(chunk, self._run_chunk(chunk, progress, on_step, cancelled)):
+                    results[job.index] = result
+        return results
+
+    def _chunks(self, jobs: list) -> list[list]:
+        """Jobs grouped by key (first-come order of the groups), each group cut into UNet batches."""
+        groups: OrderedDict = OrderedDict()
+        for job in jobs:
+            groups.setdefault(job.key, []).append(job)
+        chunks = []
+        for key, group in groups.items():
+            most = self.batch_limits(key[3])[1]
+            chunk, images = [], 0
+            for job in group:
+                if chunk and images + job.n > most:
+                    chunks.append(chunk)
+                    chunk, images = [], 0
+                chunk.append(job)
+                images += job.n
+            chunks.append(chunk)
+        return chunks
+
+    def _run_chunk(self, chunk: list, progress: bool, on_step, cancelled) -> list[Generation]:
         from tqdm import tqdm
 
-        with tqdm(total=len(scheduler), desc="denoise", unit="step", disable=not progress) as bar, self._stage("denoise"):
-            on_step = lambda i: bar.update()  # noqa: E731
-            if self.backend == "onnxruntime":
-                return B.denoise_numpy(self.engines["unet"], x, conditioning, scheduler, guidance, do_cfg, on_step)
-            from .backend_trt import denoise_torch
+        height, width, steps, do_cfg = chunk[0].key
+        dims = self.folder.model_dims
+        scheduler = EulerDiscreteScheduler(self.scheduler_config, steps)
+        fewest = self.batch_limits(do_cfg)[0]
+        # ---- encoders: once per request at most, cached; rows per image, padded to the profile's fewest ----
+        owners = [job.index for job in chunk for _ in range(job.n)]
+        pad = max(0, fewest - len(owners))
+        owners += [None] * pad  # padding rows (static profiles) belong to no request
+        cond_rows, uncond_rows, noise, guidance = [], [], [], []
+        for k, job in enumerate(chunk):
+            count = job.n + (pad if k == len(chunk) - 1 else 0)
+            embeds, pooled = self.encode_prompt(job.prompt)
+            tokens = job.tokens if job.tokens is not None else (
+                self._ip_tokens(job.pixels) if job.pixels is not None else self.zero_ip_tokens)
+            scale = np.full((1,), job.ip_scale, np.float32)
+            cond_rows.append([np.repeat(a, count, axis=0) for a in (embeds, pooled, tokens, scale)])
+            if do_cfg:
+                neg_embeds, neg_pooled = self._negative(job.negative_prompt)
+                uncond_rows.append([np.repeat(a, count, axis=0) for a in (neg_embeds, neg_pooled, self.zero_ip_tokens,
+                                                                          scale)])
+            shape = (job.n, dims.latent_channels, height // dims.vae_scale, width // dims.vae_scale)
+            x = torch_randn(shape, job.seed) if job.latents is None else job.latents  # [n, C, h, w]
+            noise.append(np.concatenate([x, np.repeat(x[-1:], count - job.n, axis=0)]))
+            guidance.append(np.full(count, job.guidance, np.float32))
+        # [uncond rows of every request, cond rows of every request] under CFG, as the loop splits them
+        ordered = uncond_rows + cond_rows
+        stacked = [np.concatenate([part[i] for part in ordered]) for i in range(4)]
+        conditioning = {
+            "encoder_hidden_states": stacked[0],  # [2n or n, L, D]
+            "text_embeds": stacked[1],  # [2n or n, D]
+            "time_ids": np.tile(np.array([[height, width, 0, 0, height, width]], np.float32), (len(stacked[1]), 1)),
+            "ip_tokens": stacked[2],  # [2n or n, T, C]
+            "ip_scale": stacked[3],  # [2n or n]: each request's own scale on both branches
+        }
+        x = np.concatenate(noise) * scheduler.init_noise_sigma  # [n, C, h, w]
 
-            return denoise_torch(self.engines["unet"], x, conditioning, scheduler, guidance, do_cfg, on_step)
+        # ---- denoising: cancelled requests leave the batch between steps ----
+        alive = list(range(len(owners)))  # rows of `owners` still in the batch, in batch order
+        dead: set = set()
+        unet_batch = self.engines["unet"].spec.dims["unet_batch"]
+        bar = tqdm(total=steps, desc="denoise", unit="step", disable=not progress)
+
+        def step_done(i: int, latents_now) -> Optional[list]:
+            bar.update()
+            live = [job for job in chunk if job.index not in dead]
+            if on_step is not None:
+                memo: dict = {}
+
+                def current():
+                    if "x" not in memo:
+                        memo["x"] = latents_now()
+                    return memo["x"]
+
+                for job in live:
+                    where = [k for k, row in enumerate(alive) if owners[row] == job.index]
+                    on_step(job.index, i, steps, lambda where=where: current()[where])
+            if cancelled is None:
+                return None
+            stopped = [job.index for job in live if cancelled(job.index)]
+            if not stopped:
+                return None
+            dead.update(stopped)
+            if all(job.index in dead for job in chunk):
+                return []
+            keep = [k for k, row in enumerate(alive) if owners[row] not in dead]
+            if not unet_batch.contains(len(keep) * (2 if do_cfg else 1)):
+                return None  # a static profile: these rows finish, their results are dropped
+            alive[:] = [alive[k] for k in keep]
+            return keep
+
+        try:
+            with self._stage("denoise"):
+                final = self._runner.denoise(x, conditioning, scheduler, np.concatenate(guidance), do_cfg, step_done)
+        finally:
+            bar.close()
+
+        # ---- VAE and results ----
+        live = [job for job in chunk if job.index not in dead]
+        where = {job.index: [k for k, row in enumerate(alive) if owners[row] == job.index] for job in live}
+        images = {}
+        if live and len(final):
+            order = [k for job in live for k in where[job.index]]
+            decode = final[order]
+            vae_min = self.engines["vae_decoder"].spec.dims["batch"].min
+            if len(decode) < vae_min:  # static profile: pad, then drop
+                decode = np.concatenate([decode, np.repeat(decode[-1:], vae_min - len(decode), axis=0)])
+            decoded = self.decode(decode)[: len(order)] if any(j.output_type != "latent" for j in live) else None
+            start = 0
+            for job in live:
+                part = slice(start, start + job.n)
+                start += job.n
+                images[job.index] = (final[where[job.index]], None if decoded is None else decoded[part])
+        results = []
+        for job in chunk:
+            parameters = {
+                "prompt": job.prompt, "negative_prompt": "" if job.negative_prompt is None else job.negative_prompt,
+                "seed": job.seed, "height": height, "width": width, "num_inference_steps": steps,
+                "guidance_scale": job.guidance, "ip_adapter_scale": job.ip_scale, "num_images_per_prompt": job.n,
+                "backend": self.backend, "model": str(self.folder.root),
+            }
+            if job.index not in images:
+                results.append(Generation(None, None, parameters, cancelled=True))
+                continue
+            latents, decoded = images[job.index]
+            if job.output_type == "latent":
+                results.append(Generation(latents, latents, parameters))
+            elif job.output_type == "np":
+                results.append(Generation(denormalize(decoded).transpose(0, 2, 3, 1), latents, parameters))
+            else:
+                results.append(Generation(to_pil(to_uint8(decoded)), latents, parameters))
+        return results
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Final latents -> VAE output float32 [B, 3, H, W] in about [-1, 1]."""
-        with self._stage("vae_decoder"):
+        with self._lock, self._stage("vae_decoder"):
             return self._decode(latents)
 
     def _decode(self, latents: np.ndarray) -> np.ndarray:
@@ -340,7 +560,7 @@ class Pipeline:
         return self.engines["vae_decoder"].run({"latents": scaled.astype(np.float32)})["image"]
 
 
-def _clip_preprocess(folder: B.ModelFolder) -> ClipPreprocess:
+def _clip_preprocess(folder: ModelFolder) -> ClipPreprocess:
     """The folder's preprocessor_config.json when it has one, else the manifest's runtime constants."""
     config = folder.root / "image_processor" / "preprocessor_config.json"
     if config.is_file():
@@ -358,4 +578,4 @@ def _clip_preprocess(folder: B.ModelFolder) -> ClipPreprocess:
     return clip
 
 
-__all__ = ["Generation", "Pipeline", "PipelineInputError", "OUTPUT_TYPES"]
+__all__ = ["Generation", "GenerationRequest", "Pipeline", "PipelineInputError", "OUTPUT_TYPES"]

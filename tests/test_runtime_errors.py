@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kolors_trt.runtime.backends import BackendError, FolderError, StaleArtifactError, read_folder
+from kolors_trt.runtime.folder import BackendError, FolderError, StaleArtifactError, read_folder
 from kolors_trt.runtime.hashing import sha256_file
 from kolors_trt.runtime.pipeline import Pipeline, PipelineInputError
 from kolors_trt.runtime.postprocess import NonFiniteError
 from kolors_trt.runtime.preprocess import ImageInputError
 from kolors_trt.runtime.scheduler import SchedulerStepError
-from kolors_trt.runtime.spec import COMPONENTS
+from kolors_trt.runtime.spec import COMPONENTS, DimRange, Profile, engine_specs, model_dims_from_json, spec_hash, to_json
 
 GOOD = dict(height=64, width=64, num_inference_steps=2, seed=0, output_type="latent")
 
@@ -82,7 +82,7 @@ def test_bad_image(pipe, tmp_path, case):
 BAD_ARGS = {
     "height-not-multiple": (dict(height=72), PipelineInputError, "multiple of 32"),
     "width-not-multiple": (dict(width=100), PipelineInputError, "multiple of 32"),
-    "height-too-large": (dict(height=16416), PipelineInputError, "outside the engine profile"),
+    "height-too-large": (dict(height=1376), PipelineInputError, "outside the export folder's limits \\[32, 1344\\]"),
     "height-zero": (dict(height=0), PipelineInputError, "outside"),
     "height-float": (dict(height=64.0), PipelineInputError, "int"),
     "steps-zero": (dict(num_inference_steps=0), PipelineInputError, "num_inference_steps"),
@@ -152,7 +152,7 @@ def test_not_a_model_folder(tmp_path):
     with pytest.raises(FolderError, match="format"):
         Pipeline.load(tmp_path)
     (tmp_path / "manifest.json").write_text("{not json")
-    with pytest.raises(FolderError, match="unreadable"):
+    with pytest.raises(FolderError, match="not valid JSON"):
         Pipeline.load(tmp_path)
 
 
@@ -188,16 +188,17 @@ def fake_engine_folder(onnx_folder, out, target="tensorrt", module="tensorrt"):
     shutil.copytree(onnx_folder / "tokenizer", out / "tokenizer")
     shutil.copytree(onnx_folder / "scheduler", out / "scheduler")
     export = json.loads((onnx_folder / "manifest.json").read_text())
+    profile = Profile(DimRange(1, 1, 2), DimRange(64, 64, 128), DimRange(64, 96, 128))
+    specs = engine_specs(model_dims_from_json(export["model_dims"]), profile)
     engines = {}
     for name in COMPONENTS:
         plan = out / f"{name}.plan"
         plan.write_bytes(b"ftrt" + name.encode())
         engines[name] = {"file": plan.name, "plan_sha256": sha256_file(plan), "plan_bytes": plan.stat().st_size,
-                         "builder": {"name": module, "version": "0.0"}, "compute_capabilities": ["SM89"]}
+                         "builder": {"name": module, "version": "0.0"}, "compute_capabilities": ["SM89"],
+                         "spec_hash": spec_hash(specs[name])}
     manifest = {"format": "kolors-trt-engines/1", "target": target, "model_dims": export["model_dims"],
-                "profile": {"batch": {"min": 1, "opt": 1, "max": 2}, "height": {"min": 64, "opt": 64, "max": 128},
-                            "width": {"min": 64, "opt": 96, "max": 128}},
-                "runtime": export["runtime"], "engines": engines}
+                "profile": to_json(profile), "runtime": export["runtime"], "engines": engines}
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 
@@ -211,8 +212,9 @@ def test_engine_folder_reads_profile_and_needs_gpu(onnx_fp32, tmp_path):
         Pipeline.load(folder, backend="onnxruntime")
     with pytest.raises(BackendError, match="cannot run on"):
         Pipeline.load(folder, backend="tensorrt-rtx")
-    # a CPU host: no tensorrt package, or no GPU visible to torch
-    with pytest.raises(BackendError, match="needs the Python package 'tensorrt'|needs an NVIDIA GPU"):
+    # a CPU host: no tensorrt package, or no GPU visible to torch; a GPU host: the plans' fake builder version
+    with pytest.raises(BackendError, match="needs the Python package 'tensorrt'|needs an NVIDIA GPU|"
+                                           "only load in the version that built them"):
         Pipeline.load(folder)
     (folder / "unet.plan").write_bytes(b"ftrt-replaced")
     with pytest.raises(StaleArtifactError, match="unet.plan"):
@@ -228,7 +230,7 @@ def test_export_folder_refuses_trt_backend(onnx_fp32):
 
 def test_engine_profile_bounds_checked_first(onnx_fp32, tmp_path, image):
     """An engine folder's profile bounds sizes and batch: the ONNX graphs stand in for its plans."""
-    from kolors_trt.runtime.backends import OrtEngine
+    from kolors_trt.runtime.backend_ort import OrtBackend, OrtEngine
     from kolors_trt.runtime.cache import ArrayCache
     from kolors_trt.runtime.pipeline import _clip_preprocess
     from kolors_trt.runtime.scheduler import SchedulerConfig
@@ -236,7 +238,7 @@ def test_engine_profile_bounds_checked_first(onnx_fp32, tmp_path, image):
 
     model = read_folder(fake_engine_folder(onnx_fp32, tmp_path / "engines"))
     engines = {n: OrtEngine(model.specs[n], onnx_fp32 / f"{n}.onnx") for n in COMPONENTS}
-    pipe = Pipeline(model, "onnxruntime", engines, ChatGLMTokenizer.from_file(model.root / "tokenizer"),
+    pipe = Pipeline(model, OrtBackend(engines), ChatGLMTokenizer.from_file(model.root / "tokenizer"),
                     SchedulerConfig.from_file(model.root / "scheduler"), _clip_preprocess(model), ArrayCache(4))
     for override, match in [(dict(height=160), "outside the engine profile \\[64, 128\\]"),
                             (dict(width=32), "outside the engine profile"),

@@ -1,6 +1,6 @@
-"""The GPU denoising loop's arithmetic (runtime/backend_trt.py `_Step`: CFG combine and
-Euler update in torch on the engine's buffers) against the numpy loop that the
-ONNX Runtime backend runs and that matches diffusers. Runs on the CPU: a fake UNet
+"""The GPU denoising loop's arithmetic (runtime/backend_trt.py `_Step`: CFG combine with
+one guidance scale per row and Euler update in torch on the engine's buffers) against
+the numpy loop that the ONNX Runtime backend runs and that matches diffusers. Runs on the CPU: a fake UNet
 computes the same function in torch (on the preallocated buffers, as TensorRT
 would) and in numpy. TensorRT itself is not involved."""
 
@@ -16,7 +16,8 @@ torch = pytest.importorskip("torch")
 
 from kolors_trt.export.tiny import KOLORS_SCHEDULER  # noqa: E402
 from kolors_trt.runtime.backend_trt import TrtEngine, _Step  # noqa: E402
-from kolors_trt.runtime.backends import Engine, denoise_numpy  # noqa: E402
+from kolors_trt.runtime.backend_ort import OrtBackend  # noqa: E402
+from kolors_trt.runtime.engine import Engine  # noqa: E402
 from kolors_trt.runtime.scheduler import EulerDiscreteScheduler, SchedulerConfig  # noqa: E402
 from kolors_trt.runtime.spec import DimRange, ModelDims, Profile, dim_values, engine_specs, shape_of  # noqa: E402
 
@@ -57,10 +58,13 @@ class TorchUNet(TrtEngine):
                                        v["ip_tokens"], v["ip_scale"].reshape(-1, 1, 1, 1), torch))
 
 
-@pytest.mark.parametrize("n, guidance, steps, h, w", [(1, 5.0, 4, 8, 12), (2, 7.5, 3, 16, 8), (1, 1.0, 2, 8, 8)])
-def test_gpu_loop_math_equals_numpy_loop(n, guidance, steps, h, w):
+@pytest.mark.parametrize("guidance, steps, h, w", [([5.0], 4, 8, 12), ([7.5, 2.0], 3, 16, 8), ([1.0], 2, 8, 8),
+                                                ([0.5, 1.0], 2, 8, 16)])
+def test_gpu_loop_math_equals_numpy_loop(guidance, steps, h, w):
+    n = len(guidance)
     rng = np.random.default_rng(n + steps)
-    do_cfg = guidance > 1
+    do_cfg = min(guidance) > 1
+    guidance = np.array(guidance, np.float32)
     b = 2 * n if do_cfg else n
     cond = {
         "encoder_hidden_states": rng.standard_normal((b, 256, DIMS.text_hidden)).astype(np.float32),
@@ -71,7 +75,7 @@ def test_gpu_loop_math_equals_numpy_loop(n, guidance, steps, h, w):
     }
     latents = rng.standard_normal((n, 4, h, w)).astype(np.float32) * np.float32(14.6)
     scheduler = EulerDiscreteScheduler(SchedulerConfig.from_dict(KOLORS_SCHEDULER), steps)
-    want = denoise_numpy(NumpyUNet(SPEC, Path("unet.onnx")), latents, cond, scheduler, guidance, do_cfg)
+    want = OrtBackend({"unet": NumpyUNet(SPEC, Path("unet.onnx"))}).denoise(latents, cond, scheduler, guidance, do_cfg)
 
     step = _Step(TorchUNet(SPEC), latents.copy(), cond, scheduler, guidance, do_cfg)  # CPU tensors share memory
     for i in range(steps):

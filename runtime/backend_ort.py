@@ -1,0 +1,103 @@
+"""ONNX Runtime backend: the export folder's graphs, and the denoising loop on the host in numpy.
+
+Imports no torch: a production host that runs export folders needs numpy,
+onnxruntime and PIL only.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Mapping, Optional
+
+import numpy as np
+
+from .engine import Backend, Engine, StepCallback, conditioning_rows, guidance_column
+from .folder import BackendError, FolderError, ModelFolder
+from .spec import COMPONENTS, EngineSpec
+
+logger = logging.getLogger(__name__)
+
+
+class OrtEngine(Engine):
+    """An ONNX graph on ONNX Runtime (CUDA when onnxruntime-gpu offers it, else CPU)."""
+
+    def __init__(self, spec: EngineSpec, path: Path, providers: Optional[list] = None):
+        super().__init__(spec, path)
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        if providers is None:
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # warnings about unused initialisers etc. are not the user's business
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as err:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+            raise BackendError(f"{spec.name}: ONNX Runtime cannot load {path} ({err}); re-run kolors-trt export") from err
+        self._check_inputs(path)
+        logger.debug("%s: %s on %s", spec.name, path.name, self.session.get_providers())
+
+    def _check_inputs(self, path: Path) -> None:
+        """The graph's inputs have the spec's names and ranks, and a fixed size where the spec has a named
+        (dynamic) dim is a graph from an older contract (e.g. ip_scale [1] before it became per row)."""
+        graph = {i.name: i.shape for i in self.session.get_inputs()}
+        if set(graph) != set(self.spec.input_names):
+            raise FolderError(f"{self.name}: {path.name} has inputs {sorted(graph)}, the spec expects "
+                              f"{sorted(self.spec.input_names)}; re-export with this kolors-trt")
+        for t in self.spec.inputs:
+            shape = graph[t.name]
+            stale = len(shape) != len(t.shape) or any(
+                isinstance(want, str) and isinstance(got, int) for want, got in zip(t.shape, shape))
+            if stale:
+                raise FolderError(f"{self.name}: {path.name} input {t.name!r} has shape {shape}, the spec expects "
+                                  f"{list(t.shape)}; the graph is from an older kolors-trt: re-export")
+
+    def _execute(self, feeds: Mapping[str, np.ndarray], values: Mapping[str, int]) -> dict[str, np.ndarray]:
+        names = self.spec.output_names
+        try:
+            outputs = self.session.run(names, {k: np.ascontiguousarray(v) for k, v in feeds.items()})
+        except Exception as err:  # onnxruntime's own types: RuntimeException on allocation failures, Fail, ...
+            shape = "x".join(str(v) for v in values.values())
+            raise BackendError(f"{self.name}: ONNX Runtime failed at dims {dict(values)} ({type(err).__name__}: "
+                               f"{str(err)[:300]}); out of memory is the usual cause at large sizes ({shape}): use a "
+                               "smaller size or batch") from err
+        return dict(zip(names, outputs))
+
+
+class OrtBackend(Backend):
+    """ONNX Runtime: engines from an export folder, the loop in numpy (float32, diffusers' operation order)."""
+
+    name = "onnxruntime"
+
+    @classmethod
+    def open(cls, folder: ModelFolder) -> "OrtBackend":
+        specs = folder.specs
+        return cls({name: OrtEngine(specs[name], folder.files[name]) for name in COMPONENTS})
+
+    def denoise(self, latents: np.ndarray, conditioning: Mapping[str, np.ndarray], scheduler, guidance: np.ndarray,
+                do_cfg: bool, on_step: Optional[StepCallback] = None) -> np.ndarray:
+        unet = self.engines["unet"]
+        cond = dict(conditioning)
+        g = guidance_column(guidance)  # [n, 1, 1, 1]
+        for i, t in enumerate(scheduler.timesteps):
+            model_input = np.concatenate([latents, latents]) if do_cfg else latents  # [2n or n, C, h, w]
+            model_input = scheduler.scale_model_input(model_input, i)
+            feeds = {"sample": model_input, "timestep": np.array([t], dtype=np.float32), **cond}
+            noise = unet.run(feeds)["noise_pred"]
+            if do_cfg:
+                uncond, text = np.split(noise, 2)
+                noise = uncond + g * (text - uncond)
+            latents = scheduler.step(noise, i, latents)
+            keep = on_step(i, lambda: latents) if on_step is not None else None
+            if keep is not None:
+                keep = list(keep)
+                if not keep:
+                    return latents[:0]
+                rows = conditioning_rows(keep, len(latents), do_cfg)
+                latents, g = latents[keep], g[keep]
+                cond = {name: value[rows] for name, value in cond.items()}
+        return latents
+
+
+__all__ = ["OrtBackend", "OrtEngine"]
