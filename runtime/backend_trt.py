@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import Callable, Mapping, Optional
+from typing import Mapping, Optional
 
 import numpy as np
 

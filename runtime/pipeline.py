@@ -44,11 +44,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import math
-import secrets
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -57,101 +54,24 @@ import numpy as np
 from .backends import open_backend
 from .cache import DEFAULT_IP_ITEMS, DEFAULT_PROMPT_ITEMS, ArrayCache, LRUCache, content_key, read_only
 from .engine import Backend
-from .errors import InputError
 from .folder import ModelFolder, read_folder, resolve_backend
 from .noise import torch_randn
 from .postprocess import denormalize, to_pil, to_uint8
 from .preprocess import ClipPreprocess, ImageSource, PreprocessConfigError
+from .request import (
+    OUTPUT_TYPES,
+    CheckedRequest,
+    Generation,
+    GenerationRequest,
+    PipelineInputError,
+    RequestChecker,
+    RequestStepCallback,
+)
 from .scheduler import EulerDiscreteScheduler, SchedulerConfig
 from .spec import Profile
 from .tokenizer import ChatGLMTokenizer
 
 logger = logging.getLogger(__name__)
-
-OUTPUT_TYPES = ("pil", "np", "latent")
-MAX_SEED = 2**64
-
-# on_step(request_index, step_index, steps, latents) after each denoising step of a live request;
-# latents() returns that request's current latents [n, C, h, w] (a GPU backend copies them only when called)
-RequestStepCallback = Callable[[int, int, int, Callable[[], np.ndarray]], None]
-
-
-class PipelineInputError(InputError):
-    """A generation argument is invalid; raised before any engine runs."""
-
-
-@dataclass
-class GenerationRequest:
-    """One request: the arguments of ``Pipeline.generate``, same names, same meaning, same defaults
-    (None = the model folder's manifest default)."""
-
-    prompt: str
-    ip_adapter_image: Optional[ImageSource] = None
-    negative_prompt: Optional[str] = None
-    height: Optional[int] = None
-    width: Optional[int] = None
-    num_inference_steps: Optional[int] = None
-    guidance_scale: Optional[float] = None
-    ip_adapter_scale: Optional[float] = None
-    seed: Optional[int] = None
-    num_images_per_prompt: int = 1
-    ip_adapter_tokens: Optional[np.ndarray] = None
-    latents: Optional[np.ndarray] = None
-    output_type: str = "pil"
-
-
-@dataclass
-class Generation:
-    """One request's result: images (per output_type), the final latents, and what made them.
-    A request stopped by ``cancelled`` has ``cancelled`` True and neither images nor latents."""
-
-    images: object  # list of PIL images, float [B, H, W, 3] in [0, 1] ("np") or the latents ("latent")
-    latents: Optional[np.ndarray]  # [B, C, H/8, W/8] before 1/vae_scaling_factor
-    parameters: dict = field(default_factory=dict)
-    cancelled: bool = False
-
-
-@dataclass
-class _Job:
-    """A request after its checks: every value resolved, the image preprocessed."""
-
-    index: int
-    prompt: str
-    negative_prompt: Optional[str]
-    height: int
-    width: int
-    steps: int
-    guidance: float
-    ip_scale: float
-    seed: Optional[int]  # None when the caller gave latents
-    n: int
-    pixels: Optional[np.ndarray]  # [1, 3, S, S]
-    tokens: Optional[np.ndarray]  # [1, T, C]
-    latents: Optional[np.ndarray]  # [n, C, h, w]
-    output_type: str
-
-    @property
-    def do_cfg(self) -> bool:
-        return self.guidance > 1
-
-    @property
-    def key(self) -> tuple:
-        """Requests with the same key share one UNet batch."""
-        return self.height, self.width, self.steps, self.do_cfg
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _finite(name: str, value) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise PipelineInputError(f"pipeline: {name} must be a number, found {value!r}") from None
-    if not math.isfinite(number):
-        raise PipelineInputError(f"pipeline: {name} must be finite, found {number}")
-    return number
 
 
 class Pipeline:
@@ -174,7 +94,8 @@ class Pipeline:
         self.ip_cache = ip_cache
         self.prompt_cache = LRUCache(prompt_items)
         self.runtime = folder.runtime
-        self.defaults = dict(folder.runtime.get("defaults", {}))
+        self.checker = RequestChecker(folder, scheduler_config, clip)
+        self.defaults = self.checker.defaults
         self._ip_namespace = f"image_encoder:{folder.identity('image_encoder')}"
         # Optional stage -> context manager (the benchmark's timers); None costs nothing.
         self.stage_timer = None
@@ -241,7 +162,7 @@ class Pipeline:
 
     def pixel_values(self, image: ImageSource) -> np.ndarray:
         """CLIP preprocessing of one reference image: float32 [1, 3, S, S]; raises ImageInputError."""
-        return self.clip([image])
+        return self.checker.pixel_values(image)
 
     def encode_image(self, image: ImageSource) -> np.ndarray:
         """IP tokens [1, 16, C] of a reference image (path, bytes or PIL image); cached by content."""
@@ -263,6 +184,14 @@ class Pipeline:
 
     # ---- checks ------------------------------------------------------------------------------
 
+    def check(self, request: GenerationRequest, index: int = 0) -> CheckedRequest:
+        """Every check of one request, its image preprocessed; no engine runs (RequestChecker)."""
+        return self.checker(request, index)
+
+    def batch_limits(self, do_cfg: bool) -> tuple[int, int]:
+        """(fewest, most) images of one UNet batch (RequestChecker.batch_limits)."""
+        return self.checker.batch_limits(do_cfg)
+
     def stats(self) -> dict:
         """Engine runs per component and cache counters."""
         return {
@@ -270,107 +199,6 @@ class Pipeline:
             "prompt_cache": self.prompt_cache.stats.as_dict(),
             "ip_cache": self.ip_cache.stats.as_dict(),
         }
-
-    def batch_limits(self, do_cfg: bool) -> tuple[int, int]:
-        """(fewest, most) images one UNet batch takes with or without CFG: the UNet's and the VAE's
-        profiles together. Fewer than the fewest are padded (static profiles)."""
-        specs = self.folder.specs
-        unet, vae = specs["unet"].dims["unet_batch"], specs["vae_decoder"].dims["batch"]
-        f = 2 if do_cfg else 1
-        return max(-(-unet.min // f), vae.min), min(unet.max // f, vae.max)
-
-    def _check_size(self, name: str, value, default) -> int:
-        value = default if value is None else value
-        if not _is_int(value):
-            raise PipelineInputError(f"pipeline: {name} must be an int, found {value!r}")
-        unit, r = self.folder.size_multiple, getattr(self.folder.profile, name)
-        if value % unit:
-            raise PipelineInputError(
-                f"pipeline: {name} {value} is not a multiple of {unit} (VAE factor {self.folder.model_dims.vae_scale} "
-                f"x UNet downsampling {self.folder.model_dims.latent_multiple}); use e.g. {max(unit, value // unit * unit)}"
-            )
-        if not r.contains(value):
-            if self.folder.kind == "engines":
-                where, hint = "the engine profile", "rebuild the engines with a profile that covers it"
-            else:
-                where, hint = "the export folder's limits", "raise them with --max-size (Pipeline.load(limits=...))"
-            raise PipelineInputError(f"pipeline: {name} {value} is outside {where} [{r.min}, {r.max}] of "
-                                     f"{self.folder.root}; {hint}")
-        return int(value)
-
-    def _check_tokens(self, tokens) -> np.ndarray:
-        want = (1, self.folder.model_dims.ip_tokens, self.folder.model_dims.cross_attention_dim)
-        try:
-            arr = np.asarray(tokens, dtype=np.float32)
-        except (TypeError, ValueError) as err:
-            raise PipelineInputError(f"pipeline: ip_adapter_tokens are not a float array ({err})") from None
-        if arr.ndim == 2:
-            arr = arr[None]
-        if arr.shape != want:
-            raise PipelineInputError(f"pipeline: ip_adapter_tokens have shape {arr.shape}, expected {want} (from encode_image)")
-        if not np.isfinite(arr).all():
-            raise PipelineInputError("pipeline: ip_adapter_tokens hold NaN or Inf")
-        return arr
-
-    def check(self, request: GenerationRequest, index: int = 0) -> _Job:
-        """Every check of one request, and its image preprocessed; no engine runs. Raises PipelineInputError
-        (or ImageInputError, SchedulerStepError) naming the argument."""
-        if not isinstance(request, GenerationRequest):
-            raise PipelineInputError(f"pipeline: expected a GenerationRequest, found {type(request).__name__}")
-        r, d = request, self.defaults
-        if not isinstance(r.prompt, str):
-            raise PipelineInputError(f"pipeline: prompt must be a string, found {type(r.prompt).__name__}")
-        if r.negative_prompt is not None and not isinstance(r.negative_prompt, str):
-            raise PipelineInputError(
-                f"pipeline: negative_prompt must be a string or None, found {type(r.negative_prompt).__name__}")
-        if r.output_type not in OUTPUT_TYPES:
-            raise PipelineInputError(f"pipeline: output_type {r.output_type!r} is not one of {OUTPUT_TYPES}")
-        height = self._check_size("height", r.height, d.get("height"))
-        width = self._check_size("width", r.width, d.get("width"))
-        steps = d.get("num_inference_steps") if r.num_inference_steps is None else r.num_inference_steps
-        if not _is_int(steps) or steps < 1:
-            raise PipelineInputError(f"pipeline: num_inference_steps must be an int >= 1, found {steps!r}")
-        EulerDiscreteScheduler(self.scheduler_config, int(steps))  # SchedulerStepError past the schedule
-        guidance = _finite("guidance_scale", d.get("guidance_scale") if r.guidance_scale is None else r.guidance_scale)
-        ip_scale = _finite("ip_adapter_scale",
-                           d.get("ip_adapter_scale") if r.ip_adapter_scale is None else r.ip_adapter_scale)
-        n = r.num_images_per_prompt
-        fewest, most = self.batch_limits(guidance > 1)
-        if not _is_int(n) or not 1 <= n <= most:
-            raise PipelineInputError(f"pipeline: num_images_per_prompt must be an int in [1, {most}] (the engine "
-                                     f"profile's batch), found {n!r}")
-        if fewest > most:
-            raise PipelineInputError(
-                f"pipeline: the UNet engine of {self.folder.root} takes no batch without guidance (a static profile is "
-                "built for guidance > 1 only): set guidance_scale > 1 or rebuild the engines")
-        seed = r.seed
-        if seed is None and r.latents is None:
-            seed = secrets.randbelow(2**63)
-        elif seed is not None and (not _is_int(seed) or not 0 <= seed < MAX_SEED):
-            raise PipelineInputError(f"pipeline: seed must be an int in [0, 2**64), found {seed!r}")
-        if r.ip_adapter_image is not None and r.ip_adapter_tokens is not None:
-            raise PipelineInputError("pipeline: pass either ip_adapter_image or ip_adapter_tokens, not both")
-        if r.ip_adapter_image is None and r.ip_adapter_tokens is None and ip_scale != 0:
-            raise PipelineInputError(
-                "pipeline: an IP-Adapter pipeline needs a reference image (ip_adapter_image) or its tokens "
-                "(ip_adapter_tokens from encode_image), as diffusers does; or set ip_adapter_scale=0"
-            )
-        dims = self.folder.model_dims
-        shape = (n, dims.latent_channels, height // dims.vae_scale, width // dims.vae_scale)
-        latents = None
-        if r.latents is not None:
-            latents = np.asarray(r.latents, dtype=np.float32)
-            if latents.shape != shape:
-                raise PipelineInputError(f"pipeline: latents have shape {latents.shape}, expected {shape}")
-            if not np.isfinite(latents).all():
-                raise PipelineInputError("pipeline: latents hold NaN or Inf")
-            seed = None
-        tokens = self._check_tokens(r.ip_adapter_tokens) if r.ip_adapter_tokens is not None else None
-        pixels = self.pixel_values(r.ip_adapter_image) if r.ip_adapter_image is not None else None  # ImageInputError
-        return _Job(index, r.prompt, r.negative_prompt, height, width, int(steps), guidance, ip_scale,
-                    None if seed is None else int(seed), int(n), pixels, tokens, latents, r.output_type)
-
-    # ---- requests ----------------------------------------------------------------------------
 
     def generate(self, prompt: str, ip_adapter_image: Optional[ImageSource] = None,
                  negative_prompt: Optional[str] = None, height: Optional[int] = None, width: Optional[int] = None,
