@@ -14,11 +14,28 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
-from .folder import BACKENDS
+from .errors import InputError
+from .folder import BACKENDS, Limits
 
 logger = logging.getLogger(__name__)
+
+
+class OutputPathError(InputError):
+    """The output path is a folder or cannot be written; found before any engine runs."""
+
+
+def add_limit_arguments(p: argparse.ArgumentParser) -> None:
+    """--max-size / --max-batch: what an export folder (ONNX Runtime) accepts on this host."""
+    d = Limits()
+    p.add_argument("--max-size", type=int, default=d.max_side, metavar="PX",
+                   help=f"export folders: largest image side accepted (default {d.max_side}); engine folders use "
+                        "their build profile")
+    p.add_argument("--max-batch", type=int, default=d.max_batch, metavar="N",
+                   help=f"export folders: most images per UNet batch (default {d.max_batch})")
+
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
@@ -39,10 +56,18 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="folder caching IP tokens across runs (.npy per reference image)")
     p.add_argument("--no-verify", action="store_true", help="skip hashing the graphs/plans against the manifest at load")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_limit_arguments(p)
 
 
 def output_paths(out: str | Path, count: int) -> list[Path]:
+    """OUT.png, or OUT-0.png ... for several images; OutputPathError when OUT is a folder or unwritable."""
+    if str(out).endswith(("/", os.sep)) or Path(out).is_dir():
+        raise OutputPathError(f"--out {out}: is a folder; give a file name, e.g. {Path(out) / 'out.png'}")
     out = Path(out)
+    parent = out.parent if str(out.parent) else Path(".")
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), Path("."))
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputPathError(f"--out {out}: cannot write into {existing} (not a writable folder); choose another path")
     if out.suffix.lower() != ".png":
         out = out.with_suffix(out.suffix + ".png") if out.suffix else out.with_suffix(".png")
     if count == 1:
@@ -55,7 +80,9 @@ def run_generate(args) -> int:
     from .postprocess import save_png
 
     folder = args.engines or args.onnx
-    pipe = Pipeline.load(folder, backend=args.backend, cache_dir=args.cache_dir, verify=not args.no_verify)
+    paths = output_paths(args.out, args.num_images)  # checked before the engines load and run
+    pipe = Pipeline.load(folder, backend=args.backend, cache_dir=args.cache_dir, verify=not args.no_verify,
+                         limits=Limits(args.max_size, args.max_batch))
     result = pipe.generate(
         args.prompt,
         ip_adapter_image=args.image,
@@ -70,7 +97,6 @@ def run_generate(args) -> int:
         progress=not args.no_progress,
     )
     params = dict(result.parameters, image=args.image)
-    paths = output_paths(args.out, len(result.images))
     for i, (image, path) in enumerate(zip(result.images, paths)):
         save_png(image, path, dict(params, index=i))
         print(f"wrote {path} ({image.width}x{image.height}, seed {params['seed']})")
@@ -86,4 +112,5 @@ def add_subcommands(subparsers) -> None:
     p.set_defaults(run=run_generate)
 
 
-__all__ = ["add_subcommands", "add_generate_arguments", "output_paths", "run_generate"]
+__all__ = ["OutputPathError", "add_generate_arguments", "add_limit_arguments", "add_subcommands", "output_paths",
+           "run_generate"]

@@ -91,21 +91,31 @@ class ModelFolder:
         return self.model_dims.vae_scale * self.model_dims.latent_multiple
 
 
-def onnx_limits(dims: ModelDims, max_side: int = DEFAULT_PROFILE.height.max,
-                max_batch: int = DEFAULT_PROFILE.batch.max) -> Profile:
-    """What an export folder accepts: every multiple of the size unit up to ``max_side`` pixels a side,
-    1 to ``max_batch`` images per UNet batch (defaults: the default engine profile's ceiling)."""
-    unit = dims.vae_scale * dims.latent_multiple
-    if max_side < unit or max_batch < 1:
-        raise SpecError(f"limits: need max_side >= {unit} and max_batch >= 1, found {max_side} and {max_batch}")
-    side = DimRange(unit, unit, max_side // unit * unit)
-    return Profile(DimRange(1, 1, int(max_batch)), side, side)
+@dataclass(frozen=True)
+class Limits:
+    """What an export folder accepts (ONNX Runtime has no build profile): sides up to ``max_side`` pixels,
+    up to ``max_batch`` images per UNet batch. The defaults are the default engine profile's ceiling, which
+    a host that runs the model at all can run; a larger size is refused with this range rather than
+    failing inside ONNX Runtime's allocator."""
+
+    max_side: int = DEFAULT_PROFILE.height.max
+    max_batch: int = DEFAULT_PROFILE.batch.max
+
+    def profile(self, dims: ModelDims) -> Profile:
+        """Every multiple of the size unit from one unit to max_side, batch 1..max_batch."""
+        unit = dims.vae_scale * dims.latent_multiple
+        if not isinstance(self.max_side, int) or not isinstance(self.max_batch, int) or self.max_side < unit \
+                or self.max_batch < 1:
+            raise SpecError(f"limits: need an int max size >= {unit} px and an int max batch >= 1, found "
+                            f"{self.max_side!r} and {self.max_batch!r}")
+        side = DimRange(unit, unit, self.max_side // unit * unit)
+        return Profile(DimRange(1, 1, self.max_batch), side, side)
 
 
-def read_folder(root: str | Path, verify: bool = True, limits: Optional[Profile] = None) -> ModelFolder:
+def read_folder(root: str | Path, verify: bool = True, limits: Optional[Limits] = None) -> ModelFolder:
     """Read and check an export or engine folder. ``verify`` checks every graph/plan against the
-    manifest's sha256 (re-hashing only files changed since the last check); ``limits`` replaces the
-    sizes and batch an export folder accepts (``onnx_limits``)."""
+    manifest's sha256 (re-hashing only files changed since the last check); ``limits`` sets the sizes
+    and batch an export folder accepts (default ``Limits()``)."""
     root = Path(root)
     path = root / MANIFEST
     if not root.is_dir():
@@ -141,7 +151,7 @@ def read_folder(root: str | Path, verify: bool = True, limits: Optional[Profile]
         if kind == "engines":
             profile = profile_from_json(manifest_field(m, "profile", "object", path))
         else:
-            profile = limits or onnx_limits(dims)
+            profile = (limits or Limits()).profile(dims)
         specs = engine_specs(dims, profile)
     except (KeyError, TypeError, ValueError) as err:
         if isinstance(err, ManifestError):
@@ -209,10 +219,10 @@ __all__ = [
     "BACKENDS",
     "BackendError",
     "FolderError",
+    "Limits",
     "ModelFolder",
     "StaleArtifactError",
     "TRT_BACKENDS",
-    "onnx_limits",
     "read_folder",
     "resolve_backend",
 ]

@@ -18,6 +18,12 @@ The polynomials below follow the compiled instruction sequence, fused
 multiply-adds included (``_fma``); tests/test_runtime_noise.py checks the
 result bit for bit against ``torch.randn``. So the ONNX Runtime path needs no
 torch and a seed gives the image diffusers gives.
+
+This is the noise of torch on x86-64 CPUs with AVX2 or AVX-512 (the AVX2 kernel
+serves both), where diffusers' reference images are made. On hosts where torch
+runs another kernel (aarch64 servers, x86 CPUs without AVX2) torch's own noise
+differs from it in the last bits, so there a seed reproduces this runtime's image
+on every host, not torch's noise on that host; the test is skipped there.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ import numpy as np
 from .backends import open_backend
 from .cache import DEFAULT_IP_ITEMS, DEFAULT_PROMPT_ITEMS, ArrayCache, LRUCache, content_key, read_only
 from .engine import Backend
-from .folder import ModelFolder, read_folder, resolve_backend
+from .folder import Limits, ModelFolder, read_folder, resolve_backend
 from .noise import torch_randn
 from .postprocess import denormalize, to_pil, to_uint8
 from .preprocess import ClipPreprocess, ImageSource, PreprocessConfigError
@@ -68,7 +68,6 @@ from .request import (
     RequestStepCallback,
 )
 from .scheduler import EulerDiscreteScheduler, SchedulerConfig
-from .spec import Profile
 from .tokenizer import ChatGLMTokenizer
 
 logger = logging.getLogger(__name__)
@@ -112,14 +111,14 @@ class Pipeline:
     @classmethod
     def load(cls, folder: str | Path, backend: str = "auto", cache_dir: Optional[str | Path] = None,
              verify: bool = True, prompt_cache_items: int = DEFAULT_PROMPT_ITEMS, ip_cache_items: int = DEFAULT_IP_ITEMS,
-             cuda_graph: Optional[bool] = None, limits: Optional[Profile] = None) -> "Pipeline":
+             cuda_graph: Optional[bool] = None, limits: Optional[Limits] = None) -> "Pipeline":
         """Open an export folder (ONNX Runtime) or engine folder (TensorRT / TensorRT-RTX).
 
         backend: "auto" | "onnxruntime" | "tensorrt" | "tensorrt-rtx". cache_dir: a folder for IP tokens
         that survives restarts. verify: check every graph/plan against the manifest's sha256 (files unchanged
         since the last check are not re-hashed). cuda_graph (TensorRT only): capture each denoising step in a
-        CUDA graph; None = when the engine profile is static. limits (export folders): the sizes and batch
-        accepted, default ``folder.onnx_limits`` (engine folders take their build profile).
+        CUDA graph; None = when the engine profile is static. limits (export folders): the largest side and
+        batch accepted, default ``Limits()`` (engine folders take their build profile).
         """
         model = read_folder(folder, verify=verify, limits=limits)
         name = resolve_backend(model, backend)

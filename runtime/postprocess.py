@@ -18,6 +18,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .errors import ServiceError
+from .manifest import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -58,20 +59,27 @@ def to_pil(images: np.ndarray) -> list:
     return [Image.fromarray(np.ascontiguousarray(img), mode="RGB") for img in images]
 
 
+def _text(value) -> str:
+    """A tEXt value: PNG text chunks end their keyword at a NUL byte, so a NUL inside is written as \\x00."""
+    return ("" if value is None else str(value)).replace("\x00", "\\x00")
+
+
 def png_info(parameters: Mapping) -> PngInfo:
     """PNG text chunks: every parameter as its own key, plus all of them as JSON."""
     info = PngInfo()
     for key, value in parameters.items():
-        info.add_text(str(key), "" if value is None else str(value))
+        info.add_text(_text(key), _text(value))
     info.add_text(PNG_PARAMETERS_KEY, json.dumps(dict(parameters), sort_keys=True, default=str))
     return info
 
 
 def save_png(image: Image.Image, path: str | Path, parameters: Mapping) -> Path:
-    """Write ``image`` as a PNG with ``parameters`` in its text metadata."""
+    """Write ``image`` as a PNG with ``parameters`` in its text metadata, atomically: an interrupted
+    write leaves the old file (or none), never a truncated one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG", pnginfo=png_info(parameters))
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=png_info(parameters))
     logger.info("wrote %s", path)
     return path
 

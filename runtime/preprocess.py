@@ -8,7 +8,10 @@ antialiased bicubic differs slightly):
 1. convert to RGB: images with an alpha band or a ``transparency`` entry are
    composited onto white (transformers 5; transformers 4 called
    ``image.convert("RGB")``, which drops alpha), everything else is
-   ``image.convert("RGB")``;
+   ``image.convert("RGB")``. One deliberate difference: 16-bit grayscale
+   (PIL modes ``I;16*``, and ``I`` holding values above 255) is scaled to 8 bits
+   first; PIL's ``convert("RGB")``, and so transformers, clips every value above
+   255 to white, which turns a 16-bit picture into a white square;
 2. resize so the shortest side is ``size`` (the long side is
    ``int(size * long / short)``, truncated) with PIL bicubic;
 3. centre crop ``crop_size`` at offsets ``(H - h) // 2``, ``(W - w) // 2``;
@@ -148,8 +151,20 @@ def resize_size(height: int, width: int, size: int) -> tuple:
     return (new_long, size) if width <= height else (size, new_long)
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def to_8bit_gray(image: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image as 8-bit "L": round(value * 255 / 65535), values clipped to [0, 65535]."""
+    values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """transformers 5 convert_to_rgb: alpha (or palette transparency) composited onto white."""
+    """transformers 5 convert_to_rgb: alpha (or palette transparency) composited onto white; 16-bit
+    grayscale scaled to 8 bits first (PIL's convert clips it)."""
+    if image.mode in SIXTEEN_BIT_MODES or (image.mode == "I" and image.getextrema()[1] > 255):
+        image = to_8bit_gray(image)
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -170,6 +185,11 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image
     (as diffusers' ``load_image``); a PIL image is used as given, as the
     diffusers pipeline does."""
     name = _name(source)
+    if isinstance(source, (str, Path)):
+        if str(source).lower().startswith(("http://", "https://", "ftp://", "s3://", "gs://", "data:")):
+            raise ImageInputError(f"image {name}: a URL; kolors-trt reads local files only: download it first")
+        if Path(source).is_dir():
+            raise ImageInputError(f"image {name}: is a folder; pass an image file (PNG, JPEG, WebP, ...)")
     if isinstance(source, Image.Image):
         image = source
     elif isinstance(source, (str, Path, bytes)):
@@ -227,6 +247,7 @@ __all__ = [
     "load_image",
     "preprocess",
     "resize_size",
+    "to_8bit_gray",
     "to_rgb",
     "CLIP_MEAN",
     "CLIP_STD",

@@ -49,7 +49,21 @@ def test_modes_and_sizes_match_transformers(reference, mode):
         image = make(mode, w, h, seed=i)
         ours = preprocess([image])
         assert ours.dtype == np.float32 and ours.shape == (1, 3, 336, 336)
+        if mode in ("I;16", "I") and image.getextrema()[1] > 255:
+            # 16-bit: transformers (PIL's convert) clips above 255 to white; ours scales to 8 bits first
+            eight = Image.fromarray(np.round(np.asarray(image, np.float64) * 255 / 65535).astype(np.uint8), "L")
+            np.testing.assert_array_equal(ours, ref_pixels(reference, eight), err_msg=f"{mode} {w}x{h}")
+            continue
         np.testing.assert_array_equal(ours, ref_pixels(reference, image), err_msg=f"{mode} {w}x{h}")
+
+
+def test_sixteen_bit_grayscale_png_is_not_white(tmp_path):
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (48, 1))  # dark to bright
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    with Image.open(tmp_path / "ramp16.png") as im:
+        assert im.mode.startswith("I")
+    row = preprocess([tmp_path / "ramp16.png"])[0, 0, 100]  # normalised red channel, one row
+    assert np.all(np.diff(row) >= 0) and row[-1] - row[0] > 2.5  # a ramp, not a white square (constant 1.93)
 
 
 def test_batch_and_palette_transparency(reference, tmp_path):

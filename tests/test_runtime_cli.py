@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -52,6 +54,7 @@ def test_generate_error_exit_code(onnx_fp32, ref, tmp_path, capsys):
 
 
 def test_output_paths():
-    assert output_paths("a/b.png", 1) == [output_paths("a/b.png", 1)[0]]
+    assert output_paths("a/b.png", 1) == [Path("a/b.png")]
+    assert output_paths("a/b.PNG", 1) == [Path("a/b.PNG")] and output_paths("a/b.jpg", 1) == [Path("a/b.jpg.png")]
     assert [p.name for p in output_paths("a/b.png", 3)] == ["b-0.png", "b-1.png", "b-2.png"]
     assert [p.name for p in output_paths("a/b", 1)] == ["b.png"]
