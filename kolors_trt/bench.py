@@ -35,6 +35,7 @@ from typing import Optional
 import numpy as np
 
 from kolors_trt.runtime.errors import InputError
+from kolors_trt.runtime.manifest import atomic_path, write_bytes_atomic
 from kolors_trt.runtime.spec import SAMPLING_DEFAULTS
 
 logger = logging.getLogger(__name__)
@@ -379,12 +380,13 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"{cfg['height']}x{cfg['width']}, {steps} steps")
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
 
 
 def write_outputs(result: dict, json_path: Optional[Path], plot_path: Optional[Path]) -> None:
     if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=2, default=str))
+        write_bytes_atomic(json_path, json.dumps(result, indent=2, default=str).encode())
     if plot_path:
         plot(result, Path(plot_path))

@@ -75,6 +75,18 @@ def _bench(args) -> int:
     config = B.BenchConfig(height, width, steps, args.warmup, args.runs, defaults["guidance_scale"],
                            defaults["ip_adapter_scale"])
     cuda_graph = {"auto": None, "on": True, "off": False}[args.cuda_graph]
+    if args.batch is not None:
+        from kolors_trt import bench_batch
+
+        if args.baseline or args.plot:
+            raise B.BenchError("bench: --batch compares batched with one-at-a-time requests of kolors-trt; it takes "
+                               "neither --baseline nor --plot")
+
+        result = bench_batch.bench_batch(folder, args.backend, config, args.batch, cuda_graph)
+        result["environment"] = B.environment(result["backend"])
+        print(bench_batch.markdown(result, result["environment"]))
+        B.write_outputs(result, args.json, None)
+        return 0
     samples, facts = B.bench_runtime(folder, args.backend, config, cuda_graph)
     baseline = None
     if args.baseline == "diffusers":
@@ -141,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ip-adapter", help="IP-Adapter folder for the baseline (default: the manifest's source)")
     p.add_argument("--device", help="baseline device (default: cpu for ONNX Runtime, cuda for engines)")
     p.add_argument("--baseline-dtype", choices=["fp16", "fp32"], help="default fp32 on cpu, fp16 on cuda")
+    p.add_argument("--batch", type=int, metavar="N",
+                   help="throughput instead of latency: N requests through generate_batch against the same N one at "
+                        "a time, in the same run")
     p.add_argument("--json", help="write every raw sample, the environment and the configuration here")
     p.add_argument("--plot", help="write a PNG of per-stage time here")
     p.set_defaults(run=_bench)

@@ -85,3 +85,26 @@ def test_bad_settings():
         B.BenchConfig(64, 64, steps=0, warmup=0, runs=1)
     with pytest.raises(B.BenchError):
         B.BenchConfig(64, 64, steps=2, warmup=0, runs=0)
+
+
+def test_batch_throughput_against_one_at_a_time(onnx_fp32, tmp_path):
+    """bench --batch N: both modes in the same run, the ratio from its samples, the UNet run counts prove
+    that generate_batch ran one UNet batch per step and one-at-a-time N."""
+    out = tmp_path / "batch.json"
+    cmd = [sys.executable, "-m", "kolors_trt", "bench", "--onnx", str(onnx_fp32), "--size", "64x64", "--steps", "2",
+           "--warmup", "1", "--runs", "2", "--batch", "3", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["config"]["batch"] == 3 and result["environment"]["backend"] == "onnxruntime"
+    s = result["summary"]
+    assert s["one_at_a_time"]["unet_runs"] == 2 * 3 * 2 and s["generate_batch"]["unet_runs"] == 2 * 2
+    for mode in ("one_at_a_time", "generate_batch"):
+        wall = result["samples"][mode]["wall"]
+        assert len(wall) == 2 and len(result["samples"][mode]["completion"]) == 6
+        assert s[mode]["images_per_second"] == pytest.approx(3 / np.mean(wall), rel=1e-9)
+    assert result["throughput_ratio"] == pytest.approx(
+        s["generate_batch"]["images_per_second"] / s["one_at_a_time"]["images_per_second"], rel=1e-9)
+    assert "throughput ratio" in proc.stdout and "| generate batch" in proc.stdout
+    bad = subprocess.run(cmd[:-2] + ["--batch", "9"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "more than one UNet batch" in bad.stderr
