@@ -42,15 +42,18 @@ class NumpyUNet(Engine):
 
 
 class TorchUNet(TrtEngine):
-    """TrtEngine's buffers and shape handling with CPU tensors; enqueue computes in place."""
+    """A stand-in for the UNet plan: TrtEngine's buffers and shape handling, with a torch function writing
+    noise_pred in place of the engine launch (on the CPU, or on a CUDA stream for the GPU test)."""
 
-    def __init__(self, spec):
+    def __init__(self, spec, device="cpu", cuda_graph=False):
         Engine.__init__(self, spec, Path("unet.plan"))
-        self.context = types.SimpleNamespace(set_input_shape=lambda name, shape: True)
+        self.context = types.SimpleNamespace(set_input_shape=lambda name, shape: True,
+                                             is_stream_capturable=lambda stream: True)
         largest = dim_values(spec, "max")
-        self.buffers = {t.name: torch.zeros(shape_of(t, largest)) for t in spec.inputs + spec.outputs}
+        self.buffers = {t.name: torch.zeros(shape_of(t, largest), device=device) for t in spec.inputs + spec.outputs}
+        self.stream = torch.cuda.Stream() if device == "cuda" else None
         self._values = None
-        self.cuda_graph, self.graphs = False, {}
+        self.cuda_graph, self.graphs = cuda_graph, {}
 
     def enqueue(self):
         v = self.set_shapes(self._values)
@@ -84,3 +87,59 @@ def test_gpu_loop_math_equals_numpy_loop(guidance, steps, h, w):
     got = step.x.numpy()
     assert not np.allclose(got, latents)  # the loop moved the latents
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+
+
+def conditioning(rng, n, do_cfg, h, w):
+    b = 2 * n if do_cfg else n
+    return {
+        "encoder_hidden_states": rng.standard_normal((b, 256, DIMS.text_hidden)).astype(np.float32),
+        "text_embeds": rng.standard_normal((b, DIMS.text_hidden)).astype(np.float32),
+        "time_ids": np.tile(np.array([[h * 8, w * 8, 0, 0, h * 8, w * 8]], np.float32), (b, 1)),
+        "ip_tokens": rng.standard_normal((b, 16, DIMS.cross_attention_dim)).astype(np.float32),
+        "ip_scale": np.resize(np.array([0.6, 0.0, 1.2], np.float32), b),
+    }
+
+
+def test_numpy_loop_drops_rows_and_keeps_the_others_exact():
+    """on_step returning the rows to keep: the kept rows end exactly as in a loop without the dropped ones."""
+    rng = np.random.default_rng(3)
+    n, steps = 2, 4
+    cond = conditioning(rng, n, True, 8, 8)
+    latents = rng.standard_normal((n, 4, 8, 8)).astype(np.float32) * np.float32(14.6)
+    guidance = np.array([5.0, 2.0], np.float32)
+    scheduler = EulerDiscreteScheduler(SchedulerConfig.from_dict(KOLORS_SCHEDULER), steps)
+    backend = OrtBackend({"unet": NumpyUNet(SPEC, Path("unet.onnx"))})
+    got = backend.denoise(latents, cond, scheduler, guidance, True, lambda i, x: [1] if i == 1 else None)
+    alone = backend.denoise(latents[[1]], {k: v[[1, 3]] for k, v in cond.items()}, scheduler, guidance[[1]], True)
+    full = backend.denoise(latents, cond, scheduler, guidance, True)
+    assert got.shape == (1, 4, 8, 8)
+    np.testing.assert_allclose(got, alone, rtol=1e-6, atol=1e-6 * np.abs(alone).max())
+    np.testing.assert_allclose(got, full[[1]], rtol=1e-6, atol=1e-6 * np.abs(alone).max())
+    assert not np.allclose(full[0], full[1])
+    assert backend.denoise(latents, cond, scheduler, guidance, True, lambda i, x: []).shape == (0, 4, 8, 8)
+    assert backend.engines["unet"].runs == steps + steps + steps + 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_cuda_loop_and_graph_replay_equal_the_numpy_loop(cuda_graph):
+    """On a GPU: denoise_torch (and its captured CUDA-graph step) with the torch stand-in UNet, across
+    requests that change batch, guidance and steps, and a request whose rows are dropped mid-loop."""
+    from kolors_trt.runtime.backend_trt import denoise_torch
+
+    unet = TorchUNet(SPEC, device="cuda", cuda_graph=cuda_graph)
+    reference = OrtBackend({"unet": NumpyUNet(SPEC, Path("unet.onnx"))})
+    rng = np.random.default_rng(7)
+    for guidance, steps, h, w, drop in [([5.0], 4, 8, 12, None), ([7.5, 2.0], 3, 16, 8, None), ([5.0], 6, 8, 12, None),
+                                        ([1.0, 1.0], 2, 8, 8, None), ([7.5, 2.0], 4, 16, 8, (1, [1]))]:
+        n, do_cfg = len(guidance), min(guidance) > 1
+        guidance = np.array(guidance, np.float32)
+        cond = conditioning(rng, n, do_cfg, h, w)
+        latents = rng.standard_normal((n, 4, h, w)).astype(np.float32) * np.float32(14.6)
+        scheduler = EulerDiscreteScheduler(SchedulerConfig.from_dict(KOLORS_SCHEDULER), steps)
+        keep = None if drop is None else (lambda i, x, at=drop[0], rows=drop[1]: rows if i == at else None)
+        want = reference.denoise(latents, cond, scheduler, guidance, do_cfg, keep)
+        got = denoise_torch(unet, latents, cond, scheduler, guidance, do_cfg, keep)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    if cuda_graph:
+        assert unet.graphs  # steps were captured and replayed
