@@ -3,40 +3,38 @@
 One call builds the requested components of an export folder into an engine
 folder. An engine is rebuilt only when its cache key changes: the ONNX file
 hashes, the spec hash (model dims + profile), the precision, the builder name
-and version, and the build options. The manifest is rewritten after every
-engine, so an interrupted build keeps the engines it finished.
+and version, and the build options.
+
+The export folder is verified first (every graph, external-data file and asset
+against its sha256; a stamp spares re-hashing an unchanged folder). The engine
+folder changes only in commits: after each engine, its plan, the assets and the
+manifest are renamed into place with interrupts held back, so an interrupted
+build leaves the folder as it was after the last finished engine (see
+export_folder.py for why a folder is old valid, new valid or refused). Nothing
+outside the engine folder is written or deleted: paths from an existing manifest
+must stay inside it, and only plans are ever removed.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
-import os
-import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Optional, Sequence
 
-from kolors_trt.runtime.trt_logger import trt_logger
+from kolors_trt.runtime.manifest import ManifestError, atomic_path, clean_leftovers, write_bytes_atomic, write_json_atomic
 from kolors_trt.runtime.spec import COMPONENTS, DEFAULT_PROFILE, EngineSpec, Profile, engine_specs, spec_hash, trt_profile
+from kolors_trt.runtime.trt_logger import trt_logger
 
 from .errors import EngineBuildError, ExportFolderError
-from .manifest import (
-    ASSET_DIRS,
-    OPTIONAL_ASSET_DIRS,
-    MANIFEST,
-    ExportComponent,
-    cache_key,
-    new_engine_manifest,
-    plan_problems,
-    profile_json,
-    read_engine_manifest,
-    read_export_folder,
-    sha256_file,
-    write_json_atomic,
-)
+from .export_folder import ExportComponent, ExportFolder, copy_assets, export_assets, read_export_folder
+from .interrupt import deferred_interrupts, progress_monitor, run_cancellable
+from .manifest import MANIFEST, cache_key, damaged_plans, new_engine_manifest, profile_json, read_engine_manifest
 from .network import check_network, parse_onnx
 from .targets import Target, default_target_name, get_target
 
@@ -95,7 +93,11 @@ def build_engines(
     opt_level / workspace_gib: None keeps the builder's default.
     timing_cache: file read before and written after each build (TensorRT only).
     refit_unet: make the UNet plan refittable (weight swaps, e.g. LoRA).
+    force: rebuild every engine, and replace a malformed engine manifest in ``out_dir``.
     compute_capabilities: TensorRT-RTX AOT targets like ("SM86", "SM89"); None = its portable default.
+
+    KeyboardInterrupt (Ctrl-C; SIGTERM in the CLI) stops the build within seconds and
+    leaves ``out_dir`` as the last commit left it.
     """
     from tqdm.auto import tqdm
 
@@ -113,82 +115,73 @@ def build_engines(
         )
     specs = engine_specs(export.model_dims, profile)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = _start_manifest(out, tgt, trt, export.model_dims, profile, specs, export.runtime)
-    _copy_assets(export.root, out)
+    if out.resolve() == export.root.resolve():
+        raise ExportFolderError(f"engines: --out {out} is the export folder itself; write the engines to another folder")
+    folder = _EngineFolder(out, _old_manifest(out, force), tgt, trt, export, profile, specs)
     if timing_cache is not None and not tgt.uses_timing_cache:
         log.warning("target %s ignores the timing cache %s (no effect on its plans; it would need a GPU)", tgt.name, timing_cache)
         timing_cache = None
 
     logger = trt_logger(trt)
     builder = trt.Builder(logger)
+    cancel = threading.Event()
+    monitor = progress_monitor(trt, cancel)  # referenced until the loop ends: TensorRT keeps a raw pointer
     results = []
     for name in tqdm(list(components), desc="engines", unit="engine", disable=len(components) < 2):
         comp = export.components[name]
         config = builder.create_builder_config()
+        if monitor is not None:
+            config.progress_monitor = monitor
         ccs = tuple(tgt.set_compute_capabilities(trt, config, compute_capabilities))
         # TensorRT allows TF32 by default. Only the fp32 VAE may use it; elsewhere it is
         # cleared, so fp16 graphs keep their fp32 islands exact and a component exported
         # at fp32 for accuracy gets fp32 math.
         tf32 = name == "vae_decoder" and comp.precision == "fp32"
         opts = _Options(opt_level, workspace_gib, refit_unet and name == "unet", tf32, ccs)
-        results.append(_build_one(trt, tgt, builder, logger, config, comp, specs[name], out, manifest, opts, timing_cache, force))
-        write_json_atomic(out / MANIFEST, manifest)
+        job = _Job(trt, tgt, builder, logger, config, cancel)
+        results.append(_build_one(job, comp, specs[name], folder, opts, timing_cache, force))
+    folder.commit()
     return results
 
 
-def _build_one(
-    trt: ModuleType,
-    tgt: Target,
-    builder,
-    logger,
-    config,
-    comp: ExportComponent,
-    spec: EngineSpec,
-    out: Path,
-    manifest: dict,
-    opts: _Options,
-    timing_cache: Optional[Path],
-    force: bool,
-) -> BuildResult:
-    name = comp.name
-    plan = out / f"{name}.plan"
+@dataclass(frozen=True)
+class _Job:
+    """What one engine's build needs from TensorRT."""
+
+    trt: ModuleType
+    tgt: Target
+    builder: object
+    logger: object
+    config: object
+    cancel: threading.Event
+
+
+def _build_one(job: _Job, comp: ExportComponent, spec: EngineSpec, folder: "_EngineFolder", opts: _Options,
+               timing_cache: Optional[Path], force: bool) -> BuildResult:
+    name, trt, tgt = comp.name, job.trt, job.tgt
+    plan = folder.out / f"{name}.plan"
     key_fields = {
-        "onnx_sha256": sha256_file(comp.onnx),
-        "onnx_data_sha256": sha256_file(comp.data) if comp.data else None,
+        "onnx_sha256": comp.sha256,  # verified against the file by read_export_folder
+        "onnx_data_sha256": comp.data_sha256,
         "spec_hash": spec_hash(spec),
         "precision": comp.precision,
         "builder": {"name": tgt.module, "version": str(trt.__version__)},
         "options": opts.as_json(),
     }
     key = cache_key(key_fields)
-    old = manifest["engines"].get(name)
-    if not force and old and old.get("cache_key") == key and not plan_problems(out, name, old):
-        log.info("%s: up to date (%s)", name, plan)
-        return _result(name, UP_TO_DATE, plan, spec, old)
+    old = folder.manifest["engines"].get(name)
+    if not force and old and old["cache_key"] == key and name not in folder.damaged:
+        log.info("%s: up to date (%s)", name, folder.out / old["file"])
+        return _result(name, UP_TO_DATE, folder.out / old["file"], spec, old)
     if old and not force:
-        reason = "inputs or options changed" if old.get("cache_key") != key else "; ".join(plan_problems(out, name, old))
+        reason = "inputs or options changed" if old["cache_key"] != key else folder.damaged[name]
         log.info("%s: rebuilding (%s)", name, reason)
 
     t0 = time.perf_counter()
-    network, parser = parse_onnx(trt, builder, tgt.network_flags(trt), comp.onnx, logger)
-    check_network(trt, network, spec, comp.onnx)
-    _configure(trt, tgt, builder, config, network, spec, opts, timing_cache)
-    log.info("%s: building %s plan with %s %s", name, comp.precision, tgt.module, trt.__version__)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise EngineBuildError(
-            f"engines: {tgt.module} returned no plan for {comp.onnx} (see the builder log above); "
-            "try a larger --workspace-gib, a narrower profile, or --opt-level 3"
-        )
-    del parser  # the network's weights are no longer needed
-    if timing_cache is not None:
-        _save_timing_cache(config, timing_cache)
-    tmp = plan.with_name(plan.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(serialized)
-    os.replace(tmp, plan)
+    serialized = run_cancellable(lambda: _serialize(job, comp, spec, opts, timing_cache), job.cancel)
     seconds = round(time.perf_counter() - t0, 3)
+    if bytes(memoryview(serialized)[: len(tgt.plan_magic)]) != tgt.plan_magic:
+        log.warning("%s: the plan does not start with %r; verify_engine_folder will reject it", name, tgt.plan_magic)
     entry = {
         "file": plan.name,
         **key_fields,
@@ -196,15 +189,34 @@ def _build_one(
         "compute_capabilities": list(opts.compute_capabilities),
         "cache_key": key,
         "build_seconds": seconds,
-        "plan_bytes": plan.stat().st_size,
-        "plan_sha256": sha256_file(plan),
+        "plan_bytes": serialized.nbytes,
+        "plan_sha256": hashlib.sha256(memoryview(serialized)).hexdigest(),
         "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    if bytes(memoryview(serialized)[: len(tgt.plan_magic)]) != tgt.plan_magic:
-        log.warning("%s: the plan does not start with %r; verify_engine_folder will reject it", name, tgt.plan_magic)
-    manifest["engines"][name] = entry
+    folder.commit(name, serialized, entry)
     log.info("%s: built %s (%.1f MB) in %.1f s", name, plan, entry["plan_bytes"] / 1e6, seconds)
     return _result(name, BUILT, plan, spec, entry)
+
+
+def _serialize(job: _Job, comp: ExportComponent, spec: EngineSpec, opts: _Options, timing_cache: Optional[Path]):
+    """Parse, check and build one plan (runs in the build's worker thread); the serialized plan."""
+    trt, tgt = job.trt, job.tgt
+    network, parser = parse_onnx(trt, job.builder, tgt.network_flags(trt), comp.onnx, job.logger)
+    check_network(trt, network, spec, comp.onnx)
+    _configure(trt, tgt, job.builder, job.config, network, spec, opts, timing_cache)
+    log.info("%s: building %s plan with %s %s", comp.name, comp.precision, tgt.module, trt.__version__)
+    serialized = job.builder.build_serialized_network(network, job.config)
+    if serialized is None:
+        if job.cancel.is_set():
+            raise KeyboardInterrupt  # the waiting thread has raised its own already; this one is dropped
+        raise EngineBuildError(
+            f"engines: {tgt.module} returned no plan for {comp.onnx} (see the builder log above); "
+            "try a larger --workspace-gib, a narrower profile, or --opt-level 3"
+        )
+    del parser  # the network's weights are no longer needed
+    if timing_cache is not None:
+        write_bytes_atomic(timing_cache, bytes(job.config.get_timing_cache().serialize()))
+    return serialized
 
 
 def _configure(trt: ModuleType, tgt: Target, builder, config, network, spec: EngineSpec, opts: _Options, timing_cache) -> None:
@@ -227,47 +239,66 @@ def _configure(trt: ModuleType, tgt: Target, builder, config, network, spec: Eng
     config.add_optimization_profile(prof)
 
 
-def _save_timing_cache(config, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-    os.replace(tmp, path)
-
-
 def _result(name: str, status: str, plan: Path, spec: EngineSpec, entry: dict) -> BuildResult:
     # The profile from the spec keeps its input order (the manifest's JSON is key-sorted).
     return BuildResult(name, status, plan, entry["precision"], profile_json(spec), entry["plan_bytes"], entry["build_seconds"])
 
 
-def _start_manifest(out: Path, tgt: Target, trt: ModuleType, model_dims, profile: Profile, specs: dict,
-                    runtime: dict) -> dict:
-    """The new manifest, keeping the old entries that still fit this build (same
-    builder and spec); plans of entries that do not fit are removed."""
-    old = read_engine_manifest(out) or {"engines": {}}
-    manifest = new_engine_manifest(tgt.name, model_dims, profile, runtime)
-    for name, entry in old["engines"].items():
-        fits = (
-            name in specs
-            and entry.get("spec_hash") == spec_hash(specs[name])
-            and entry.get("builder", {}) == {"name": tgt.module, "version": str(trt.__version__)}
-        )
-        if fits:
-            manifest["engines"][name] = entry
-        else:
-            stale = out / entry.get("file", f"{name}.plan")
-            log.warning("%s: dropping %s, built for another profile, model or builder", name, stale)
-            stale.unlink(missing_ok=True)
-    return manifest
+def _old_manifest(out: Path, force: bool) -> Optional[dict]:
+    """The engine folder's checked manifest, or None (no folder yet; or, with --force, a
+    malformed manifest, which the build then replaces without deleting anything it names)."""
+    try:
+        return read_engine_manifest(out)
+    except ManifestError as err:
+        if force:
+            log.warning("%s; --force: rebuilding %s from scratch", err, out)
+            return None
+        raise type(err)(f"engines: {err}; rebuild the folder from scratch with --force, or choose another --out") from None
 
 
-def _copy_assets(src: Path, out: Path) -> None:
-    for d in ASSET_DIRS:
-        if not (src / d).is_dir():
-            raise ExportFolderError(
-                f"engines: {src / d} is missing; the engine folder must carry it (re-run kolors-trt export)"
-            )
-        shutil.copytree(src / d, out / d, dirs_exist_ok=True)
-    for d in OPTIONAL_ASSET_DIRS:
-        if (src / d).is_dir():
-            shutil.copytree(src / d, out / d, dirs_exist_ok=True)
+class _EngineFolder:
+    """The engine folder being built: its manifest in memory and the commits that change it.
+
+    Until the first commit the folder is exactly as the last build left it. Each commit
+    copies the assets (once), renames the new plan into place, writes the manifest and only
+    then removes plans the manifest no longer names (entries built for another profile,
+    model or builder), all with SIGINT/SIGTERM held back."""
+
+    def __init__(self, out: Path, old: Optional[dict], tgt: Target, trt: ModuleType, export: ExportFolder,
+                 profile: Profile, specs: dict):
+        self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(out)
+        self.manifest = new_engine_manifest(tgt.name, export.model_dims, profile, export.runtime)
+        self.assets = export_assets(export.root, export.assets)  # relative path -> source file
+        self.stale: set = set()  # plan files of dropped entries, removed after the next commit
+        builder = {"name": tgt.module, "version": str(trt.__version__)}
+        for name, entry in (old or {"engines": {}})["engines"].items():
+            if name in specs and entry["spec_hash"] == spec_hash(specs[name]) and entry["builder"] == builder:
+                self.manifest["engines"][name] = entry
+            else:
+                log.warning("%s: dropping %s, built for another profile, model or builder", name, out / entry["file"])
+                self.stale.add(entry["file"])
+        self.damaged = damaged_plans(out, self.manifest)  # kept entries whose plan no longer matches
+        self.committed = False
+
+    def commit(self, name: Optional[str] = None, plan=None, entry: Optional[dict] = None) -> None:
+        """Make one new complete state: the plan of ``name`` (if given) and the manifest."""
+        if name is None and self.committed:
+            return
+        with deferred_interrupts():
+            if not self.committed:
+                self.manifest["assets"] = copy_assets(self.assets, self.out)
+            if name is not None:
+                with atomic_path(self.out / entry["file"]) as tmp:
+                    with open(tmp, "wb") as f:
+                        f.write(plan)
+                self.manifest["engines"][name] = entry
+                self.damaged.pop(name, None)
+            write_json_atomic(self.out / MANIFEST, self.manifest)
+            named = {e["file"] for e in self.manifest["engines"].values()}
+            for rel in sorted(self.stale - named):
+                if rel.endswith(".plan"):  # only plans; the path was checked to stay inside the folder
+                    (self.out / rel).unlink(missing_ok=True)
+            self.stale.clear()
+            self.committed = True

@@ -49,7 +49,8 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="tensorrt-rtx AOT target, e.g. 8.6 or SM89 (repeatable; default: the builder's portable set)",
     )
     p.add_argument("--components", nargs="+", choices=COMPONENTS, default=list(COMPONENTS), help="engines to build")
-    p.add_argument("--force", action="store_true", help="rebuild even when an engine is up to date")
+    p.add_argument("--force", action="store_true",
+                   help="rebuild even when an engine is up to date; also replaces a malformed engine manifest in --out")
     return p
 
 

@@ -1,4 +1,4 @@
-"""Manifests of the export folder (read) and the engine folder (written and verified).
+"""The engine folder's manifest: written by the build, read back by the next build and verified.
 
 Pure Python: verify_engine_folder runs on a machine with neither TensorRT nor a GPU.
 
@@ -6,13 +6,19 @@ Engine folder layout (the deployable artifact)::
 
     {component}.plan ...   serialized engines
     tokenizer/ scheduler/  copied from the export folder
-    manifest.json          {"format", "target", "model_dims", "profile", "engines": {component: entry}}
+    manifest.json          {"format", "target", "model_dims", "profile", "runtime", "assets", "engines": {component: entry}}
 
 An entry holds: file, precision, onnx_sha256, onnx_data_sha256 (or null), spec_hash,
 profile ({input: {"min","opt","max"}} shapes), builder ({"name","version"}),
 compute_capabilities, options, cache_key, build_seconds, plan_bytes, plan_sha256.
+"assets" maps each copied asset file ("tokenizer/tokenizer.model") to its sha256.
 The runtime rebuilds each engine's spec with
 ``engine_specs(model_dims_from_json(m["model_dims"]), profile_from_json(m["profile"]))``.
+
+Like the export folder (see export_folder.py), an engine folder is the old complete
+state, the new one, or refused: plans and the manifest are written under temporary
+names and renamed, the manifest last; a malformed manifest, a path that leaves the
+folder or an entry without its plan's sha256 is refused naming the file and field.
 """
 
 from __future__ import annotations
@@ -20,17 +26,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
 from kolors_trt.runtime.hashing import sha256_file
+from kolors_trt.runtime.manifest import StaleFileError, contained, field, read_json_object, verify_files
 from kolors_trt.runtime.spec import (
     ENGINE_FORMAT,
-    COMPONENTS,
-    DEFAULT_PRECISION,
-    PRECISIONS,
     ModelDims,
     SpecError,
     engine_specs,
@@ -41,22 +43,18 @@ from kolors_trt.runtime.spec import (
     trt_profile,
 )
 
-from .errors import EngineFolderError, ExportFolderError
+from .errors import EngineFolderError
+from .export_folder import ASSET_DIRS, asset_hashes, model_dims_json
 from .targets import PLAN_MAGIC
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = ENGINE_FORMAT
-ASSET_DIRS = ("tokenizer", "scheduler")  # copied verbatim from the export folder
-# Copied when present: without it the runtime takes the CLIP settings from the manifest's runtime constants.
-OPTIONAL_ASSET_DIRS = ("image_processor",)
-
-
-def write_json_atomic(path: Path, data: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+# Fields every engine entry has, with their kinds (runtime/manifest.field).
+_ENTRY_FIELDS = {"file": "string", "plan_sha256": "sha256", "plan_bytes": "int", "precision": "string",
+                 "spec_hash": "string", "cache_key": "string", "builder.name": "string", "builder.version": "string",
+                 "profile": "object", "build_seconds": "number"}
 
 
 def profile_json(spec) -> dict:
@@ -70,135 +68,112 @@ def cache_key(fields: Mapping) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
 
-# ---- export folder ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ExportComponent:
-    name: str
-    onnx: Path
-    data: Optional[Path]  # external-data file, if any
-    precision: str
-
-
-@dataclass(frozen=True)
-class ExportFolder:
-    root: Path
-    model_dims: ModelDims
-    components: dict  # name -> ExportComponent
-    runtime: dict = field(default_factory=dict)  # export manifest "runtime": constants the pipeline needs
-
-
-def read_export_folder(root: Path) -> ExportFolder:
-    """Read ``root/manifest.json`` and locate each component's ONNX file."""
-    root = Path(root)
-    path = root / MANIFEST
-    try:
-        m = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ExportFolderError(f"engines: {path} is missing; point --onnx at a folder written by kolors-trt export") from None
-    except json.JSONDecodeError as e:
-        raise ExportFolderError(f"engines: {path} is not valid JSON ({e}); re-run kolors-trt export") from None
-    if "model_dims" not in m or not isinstance(m.get("components"), dict):
-        raise ExportFolderError(
-            f"engines: {path} needs 'model_dims' and 'components' (found keys {sorted(m)}); re-run kolors-trt export"
-        )
-    comps = {}
-    for name, c in m["components"].items():
-        if name not in COMPONENTS:
-            log.warning("%s: ignoring unknown component %r (known: %s)", path, name, COMPONENTS)
-            continue
-        onnx = root / c.get("file", f"{name}.onnx")
-        if not onnx.is_file():
-            raise ExportFolderError(f"engines: {path} lists {name} as {onnx.name}, which is missing; re-run kolors-trt export")
-        precision = c.get("precision", DEFAULT_PRECISION[name])
-        if precision not in PRECISIONS:
-            raise ExportFolderError(f"engines: {path}: {name} has precision {precision!r}, expected one of {PRECISIONS}")
-        data = root / c["external_data"] if c.get("external_data") else onnx.with_name(onnx.name + ".data")
-        if c.get("external_data") and not data.is_file():
-            raise ExportFolderError(f"engines: {path} lists {data.name} as {name}'s external data, which is missing; re-run kolors-trt export")
-        comps[name] = ExportComponent(name, onnx, data if data.is_file() else None, precision)
-    return ExportFolder(root, model_dims_from_json(m["model_dims"]), comps, dict(m.get("runtime") or {}))
-
-
-# ---- engine folder ----------------------------------------------------------------------------
-
-
 def read_engine_manifest(folder: Path) -> Optional[dict]:
-    """The engine folder's manifest, or None when absent or unreadable (a build starts afresh)."""
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
+    """The engine folder's manifest, checked field by field, or None when there is none.
+
+    A manifest of another format (an export folder, another tool's file) raises
+    EngineFolderError: the build does not write into a folder it did not make. A malformed
+    one raises ManifestError naming the file and field, a path leaving the folder
+    PathEscapeError."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.exists() and not path.is_symlink():
         return None
-    try:
-        m = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        log.warning("%s is not valid JSON (%s); every engine will be rebuilt", path, e)
-        return None
-    if m.get("format") != FORMAT or not isinstance(m.get("engines"), dict):
-        log.warning("%s has format %r, expected %r; every engine will be rebuilt", path, m.get("format"), FORMAT)
-        return None
+    m = read_json_object(path)
+    if m.get("format") != FORMAT:
+        raise EngineFolderError(
+            f"engines: {path} has format {str(m.get('format'))[:80]!r}, expected {FORMAT!r}: {folder} is not an engine "
+            "folder written by kolors-trt build; choose another --out"
+        )
+    for key in ("target", "model_dims", "profile", "runtime", "engines"):
+        field(m, key, "string" if key == "target" else "object", path)
+    model_dims_json(m, path)
+    asset_hashes(folder, m, path)
+    for name in m["engines"]:
+        field(m, f"engines.{name}", "object", path)
+        for key, kind in _ENTRY_FIELDS.items():
+            field(m, f"engines.{name}.{key}", kind, path)
+        contained(folder, m["engines"][name]["file"], f"{path}: engines.{name}.file")
     return m
 
 
 def new_engine_manifest(target: str, model_dims: ModelDims, profile, runtime: Mapping) -> dict:
     return {"format": FORMAT, "target": target, "model_dims": to_json(model_dims), "profile": to_json(profile),
-            "runtime": dict(runtime), "engines": {}}
+            "runtime": dict(runtime), "assets": {}, "engines": {}}
 
 
 def plan_problems(folder: Path, name: str, entry: Mapping) -> list[str]:
-    """What is wrong with one engine's plan file against its manifest entry (cheap
-    checks first; the sha256 only when size and header agree)."""
-    plan = Path(folder) / entry.get("file", f"{name}.plan")
+    """What is wrong with one engine's plan file against its (checked) manifest entry: cheap
+    checks first, the sha256 only when size and header agree."""
+    plan = Path(folder) / entry["file"]
     if not plan.is_file():
-        return [f"{name}: plan {plan.name} is missing"]
+        return [f"{name}: plan {entry['file']} is missing"]
     size = plan.stat().st_size
-    if size != entry.get("plan_bytes"):
-        return [f"{name}: {plan.name} has {size} bytes, the manifest says {entry.get('plan_bytes')} (truncated or replaced)"]
-    builder = entry.get("builder", {}).get("name")
+    if size != entry["plan_bytes"]:
+        return [f"{name}: {plan.name} has {size} bytes, the manifest says {entry['plan_bytes']} (truncated or replaced)"]
+    builder = entry["builder"]["name"]
     magic = PLAN_MAGIC.get(builder)
-    with open(plan, "rb") as f:
-        head = f.read(len(magic or b""))
     if magic is None:
         return [f"{name}: unknown builder {builder!r} in the manifest (known: {sorted(PLAN_MAGIC)})"]
+    with open(plan, "rb") as f:
+        head = f.read(len(magic))
     if head != magic:
         return [f"{name}: {plan.name} does not start with the {builder} plan header {magic!r} (found {head!r}): not a {builder} plan"]
     digest = sha256_file(plan)
-    if digest != entry.get("plan_sha256"):
-        return [f"{name}: {plan.name} sha256 {digest[:16]}... differs from the manifest's {str(entry.get('plan_sha256'))[:16]}..."]
+    if digest != entry["plan_sha256"]:
+        return [f"{name}: {plan.name} sha256 {digest[:16]}... differs from the manifest's {entry['plan_sha256'][:16]}..."]
     return []
+
+
+def damaged_plans(folder: Path, m: Mapping) -> dict:
+    """{engine: problem} for the plans of a checked manifest that differ from their entries.
+
+    A build calls this on every run: the verification stamp (runtime/manifest.verify_files)
+    lets it hash only plans changed since the last check; the entry-by-entry check runs only
+    when something differs."""
+    engines = m["engines"]
+    try:
+        verify_files(folder, {e["file"]: e["plan_sha256"] for e in engines.values()}, Path(folder) / MANIFEST)
+        return {}
+    except StaleFileError:
+        return {name: "; ".join(found) for name, e in engines.items() if (found := plan_problems(folder, name, e))}
 
 
 def verify_engine_folder(folder: Path) -> dict:
     """Check an engine folder without deserialising a plan (no GPU, no TensorRT):
-    manifest format, assets, each plan's size, header and sha256, and each
-    entry's spec hash and profile against the spec rebuilt from the manifest.
-    Returns the manifest; raises EngineFolderError listing every problem."""
+    the manifest field by field, its paths inside the folder, assets and their hashes,
+    each plan's size, header and sha256, and each entry's spec hash and profile against
+    the spec rebuilt from the manifest. Returns the manifest; raises EngineFolderError
+    listing every problem (ManifestError for a malformed manifest)."""
     folder = Path(folder)
     path = folder / MANIFEST
-    try:
-        m = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError) as e:
-        raise EngineFolderError(f"engines: {path} is missing or unreadable ({e}); rebuild with kolors-trt build") from None
-    problems = []
-    if m.get("format") != FORMAT:
-        problems.append(f"manifest format is {m.get('format')!r}, expected {FORMAT!r}")
+    m = read_engine_manifest(folder)
+    if m is None:
+        raise EngineFolderError(f"engines: {path} is missing; build the folder with kolors-trt build")
     try:
         specs = engine_specs(model_dims_from_json(m["model_dims"]), profile_from_json(m["profile"]))
     except (KeyError, TypeError, SpecError) as e:
         raise EngineFolderError(f"engines: {path}: model_dims/profile do not make a spec ({e!r}); rebuild with kolors-trt build") from None
+    problems = []
     for d in ASSET_DIRS:
         if not (folder / d).is_dir():
             problems.append(f"{d}/ is missing (copied from the export folder at build time)")
-    engines = m.get("engines") or {}
+    for rel, want in m.get("assets", {}).items():
+        file = folder / rel
+        if not file.is_file():
+            problems.append(f"asset {rel} is missing")
+        elif sha256_file(file) != want:
+            problems.append(f"asset {rel} differs from its sha256 in the manifest")
+    engines = m["engines"]
     if not engines:
         problems.append("the manifest lists no engines")
     for name, entry in engines.items():
         if name not in specs:
             problems.append(f"{name}: not an engine of the spec (known: {sorted(specs)})")
             continue
-        if entry.get("spec_hash") != spec_hash(specs[name]):
-            problems.append(f"{name}: spec_hash {entry.get('spec_hash')} differs from the manifest's model_dims/profile ({spec_hash(specs[name])})")
-        if entry.get("profile") != profile_json(specs[name]):
+        if entry["spec_hash"] != spec_hash(specs[name]):
+            problems.append(f"{name}: spec_hash {entry['spec_hash']} differs from the manifest's model_dims/profile ({spec_hash(specs[name])})")
+        if entry["profile"] != profile_json(specs[name]):
             problems.append(f"{name}: the profile shapes differ from the spec's")
         problems += plan_problems(folder, name, entry)
     if problems:

@@ -3,12 +3,22 @@
 TensorRT keeps the first ILogger a builder or runtime registers in a process and
 ignores later ones (with a warning), so the builder and the runtime share this one,
 one per package (tensorrt, tensorrt_rtx), kept alive for the process.
+
+A Ctrl-C that arrives while the main thread is inside TensorRT surfaces as a
+KeyboardInterrupt in the next Python callback, often this logger, and TensorRT
+catches and drops it ("Exception caught in log()"). The logger hands it back to
+the main thread instead (``_thread.interrupt_main`` with the same signal), to be
+raised when the TensorRT call returns. Best effort: Python may raise it again on
+entry to a later callback, outside any handler. The engine build therefore runs
+TensorRT in a worker thread, where no signal handler runs (kolors_trt.engines.interrupt).
 """
 
 from __future__ import annotations
 
+import _thread
 import functools
 import logging
+import signal
 from types import ModuleType
 
 
@@ -28,9 +38,12 @@ def trt_logger(trt: ModuleType):
             trt.ILogger.__init__(self)
 
         def log(self, severity, msg):
-            level = levels.get(severity, logging.INFO)
-            if "has Int64 binding" in msg:
-                level = logging.DEBUG  # token ids are int64 by contract (runtime/spec.py); not news
-            log.log(level, "%s", msg)
+            try:
+                level = levels.get(severity, logging.INFO)
+                if "has Int64 binding" in msg:
+                    level = logging.DEBUG  # token ids are int64 by contract (runtime/spec.py); not news
+                log.log(level, "%s", msg)
+            except KeyboardInterrupt as exc:  # TensorRT would drop it: re-deliver after the call returns
+                _thread.interrupt_main(getattr(exc, "signum", signal.SIGINT))
 
     return _Logger()

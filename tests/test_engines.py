@@ -26,6 +26,8 @@ from kolors_trt.engines.manifest import profile_json, sha256_file, verify_engine
 from kolors_trt.runtime.spec import (
     COMPONENTS,
     DEFAULT_PRECISION,
+    EXPORT_FORMAT,
+    EXPORT_VERSION,
     DimRange,
     ModelDims,
     Profile,
@@ -127,7 +129,8 @@ def _write_export_folder(root: Path, seed: int = 0) -> Path:
     for name, module in _modules(seed).items():
         _export(name, module, root / f"{name}.onnx")
         comps[name] = {"file": f"{name}.onnx", "precision": DEFAULT_PRECISION[name], "sha256": sha256_file(root / f"{name}.onnx")}
-    (root / "manifest.json").write_text(json.dumps({"model_dims": to_json(DIMS), "components": comps}))
+    (root / "manifest.json").write_text(json.dumps({"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "model_dims": to_json(DIMS),
+                                                    "runtime": {"vae_scaling_factor": 0.13025}, "components": comps}))
     (root / "tokenizer").mkdir(exist_ok=True)
     (root / "tokenizer" / "tokenizer.model").write_bytes(b"tiny")
     (root / "scheduler").mkdir(exist_ok=True)
@@ -149,6 +152,13 @@ def built(onnx_dir, tmp_path_factory):
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def _rehash(root: Path, name: str) -> None:
+    """Record a replaced graph's sha256 in the export manifest, as a re-export would."""
+    m = json.loads((root / "manifest.json").read_text())
+    m["components"][name]["sha256"] = sha256_file(root / f"{name}.onnx")
+    (root / "manifest.json").write_text(json.dumps(m))
 
 
 # ---- builds ---------------------------------------------------------------------------------
@@ -242,6 +252,7 @@ def test_second_build_is_up_to_date_and_one_changed_graph_rebuilds_one_engine(bu
 
     src = _copy(onnx_dir, tmp_path / "export")
     _export("vae_decoder", _modules(seed=1)["vae_decoder"], src / "vae_decoder.onnx")
+    _rehash(src, "vae_decoder")
     third = build_engines(src, out, target=RTX, profile=PROFILE)
     assert {r.component: r.status for r in third} == {
         "text_encoder": UP_TO_DATE, "image_encoder": UP_TO_DATE, "unet": UP_TO_DATE, "vae_decoder": BUILT
@@ -348,6 +359,7 @@ def test_refit_unet_rebuilds_only_the_unet(built, onnx_dir, tmp_path):
 def test_wrong_input_name_is_a_network_mismatch(onnx_dir, tmp_path):
     src = _copy(onnx_dir, tmp_path / "export")
     _export("vae_decoder", _modules(0)["vae_decoder"], src / "vae_decoder.onnx", rename={"latents": "latent"})
+    _rehash(src, "vae_decoder")
     with pytest.raises(NetworkMismatchError, match=r"input 'latents' is missing") as e:
         build_engines(src, tmp_path / "e", target=RTX, profile=PROFILE, components=["vae_decoder"])
     assert "'latent' is not in the spec" in str(e.value)
@@ -360,6 +372,7 @@ def test_graph_fixed_where_the_spec_is_dynamic_is_a_mismatch(onnx_dir, tmp_path)
         warnings.simplefilter("ignore")
         torch.onnx.export(_modules(0)["vae_decoder"], (torch.rand(1, 4, 32, 32),), str(src / "vae_decoder.onnx"),
                           input_names=spec.input_names, output_names=spec.output_names, dynamo=False)
+    _rehash(src, "vae_decoder")
     with pytest.raises(NetworkMismatchError, match=r"input 'latents' axis 2 \(latent_height\) is fixed to 32"):
         build_engines(src, tmp_path / "e", target=RTX, profile=PROFILE, components=["vae_decoder"])
 
@@ -377,6 +390,7 @@ def test_unparseable_graph_lists_parser_errors(onnx_dir, tmp_path, caplog):
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("kolors.test", 1)])
     onnx.save(model, src / "vae_decoder.onnx")
+    _rehash(src, "vae_decoder")
     with caplog.at_level(logging.ERROR), pytest.raises(OnnxParseError, match="bogus_node"):
         build_engines(src, tmp_path / "e", target=RTX, profile=PROFILE, components=["vae_decoder"])
     assert "bogus_node" in caplog.text

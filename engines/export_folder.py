@@ -1,0 +1,205 @@
+"""The export folder as its readers see it: a typed, contained, verified manifest.
+
+Pure Python (no torch, no TensorRT): `kolors-trt build` reads its input with it, and
+`kolors-trt export` reads an existing output folder with it before it adds to it.
+
+Why a folder is the old valid one, the new valid one, or refused, never a mix
+handed on: writers (export, build) write every file under a temporary name in the
+folder and rename it into place, the manifest last, with SIGINT and SIGTERM held
+back during the renames (engines.interrupt.deferred_interrupts); and every reader
+checks every file the manifest names against its sha256 (``verify_files``, whose
+stamp makes a second read of an unchanged folder hash nothing). Only SIGKILL or a
+power cut can stop a writer between two renames; the folder then holds a file its
+manifest does not describe, its hash fails, and readers refuse it with
+StaleFileError until a rerun (which first removes the leftovers) completes it.
+
+Every path in a manifest is relative and stays inside the folder (``contained``),
+every file carries its sha256, and each malformed field is reported with the
+file and the field.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional
+
+from kolors_trt.runtime.hashing import sha256_file
+from kolors_trt.runtime.manifest import ManifestError, atomic_path, contained, field as typed, read_json_object, verify_files
+from kolors_trt.runtime.spec import COMPONENTS, EXPORT_FORMAT, EXPORT_VERSION, PRECISIONS, ModelDims, model_dims_from_json
+
+from .errors import ExportFolderError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+ASSET_DIRS = ("tokenizer", "scheduler")  # every export folder has them; engine folders copy them
+# Copied when present: without it the runtime takes the CLIP settings from the manifest's runtime constants.
+OPTIONAL_ASSET_DIRS = ("image_processor",)
+TOKENIZER_MODEL = "tokenizer/tokenizer.model"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+# Runtime constants a reader uses as numbers; kind per runtime/manifest.field.
+_RUNTIME_FIELDS = {"vae_scaling_factor": "number", "image_size": "int", "text_length": "int",
+                   "force_zeros_for_empty_prompt": "bool", "image_mean": "list", "image_std": "list",
+                   "defaults": "object"}
+
+
+@dataclass(frozen=True)
+class ExportComponent:
+    name: str
+    onnx: Path
+    data: Optional[Path]  # external-data file, if any
+    precision: str
+    sha256: str  # of `onnx`, verified against the file
+    data_sha256: Optional[str] = None
+    entry: dict = field(default_factory=dict, compare=False)  # the manifest entry as written
+
+
+@dataclass(frozen=True)
+class ExportFolder:
+    root: Path
+    model_dims: ModelDims
+    components: dict  # name -> ExportComponent
+    runtime: dict = field(default_factory=dict)  # manifest "runtime": constants the pipeline needs
+    assets: dict = field(default_factory=dict)  # "tokenizer/tokenizer.model" -> sha256 (empty in older folders)
+    manifest: dict = field(default_factory=dict, compare=False)
+
+
+def read_export_folder(root: Path) -> ExportFolder:
+    """Read ``root/manifest.json`` strictly and verify every file it names (graphs, external
+    data, assets) against its sha256. Raises ExportFolderError (no manifest, another format or
+    version), ManifestError naming the file and field (malformed, or a path leaving the
+    folder: PathEscapeError) or StaleFileError (a file differs from its hash)."""
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.exists():
+        raise ExportFolderError(f"engines: {path} is missing; point --onnx at a folder written by kolors-trt export")
+    m = read_json_object(path)
+    check_export_format(m, path)
+    dims = model_dims_json(m, path)
+    runtime = _runtime(m, path)
+    listing = typed(m, "components", "object", path)
+    comps, files = {}, {}
+    for name in listing:
+        if name not in COMPONENTS:
+            log.warning("%s: ignoring unknown component %r (known: %s)", path, name, COMPONENTS)
+            continue
+        comps[name] = _component(root, path, m, name)
+        files[str(comps[name].onnx.relative_to(root))] = comps[name].sha256
+        if comps[name].data is not None:
+            files[str(comps[name].data.relative_to(root))] = comps[name].data_sha256
+    assets = asset_hashes(root, m, path)
+    for d in ASSET_DIRS:
+        if not contained(root, d, f"{path}: asset folder").is_dir():
+            raise ExportFolderError(f"engines: {root / d} is missing; every export folder has it: re-run kolors-trt export")
+    verify_files(root, {**files, **assets}, path)
+    return ExportFolder(root, model_dims_from_json(dims), comps, runtime, assets, m)
+
+
+def check_export_format(m: Mapping, path: Path) -> None:
+    """The manifest is an export manifest of the current version (older: re-export)."""
+    fmt = typed(m, "format", "string", path)
+    if fmt != EXPORT_FORMAT:
+        raise ExportFolderError(f"engines: {path} has format {fmt!r}, expected {EXPORT_FORMAT!r}: not an export folder "
+                                "(point --onnx at a folder written by kolors-trt export)")
+    version = typed(m, "version", "int", path)
+    if version < EXPORT_VERSION:
+        raise ExportFolderError(f"engines: {path} has export version {version}, older than this kolors-trt's "
+                                f"{EXPORT_VERSION} (the graphs' inputs changed since): re-export with kolors-trt export")
+    if version > EXPORT_VERSION:
+        raise ExportFolderError(f"engines: {path} has export version {version}, newer than this kolors-trt's "
+                                f"{EXPORT_VERSION}: use the kolors-trt that wrote it, or re-export")
+
+
+def model_dims_json(m: Mapping, path: Path) -> dict:
+    """The manifest's model_dims, every field an integer (checked, named on error)."""
+    dims = typed(m, "model_dims", "object", path)
+    for key in ModelDims.__dataclass_fields__:
+        if key in dims:
+            typed(m, f"model_dims.{key}", "int", path)
+    return dims
+
+
+def _runtime(m: Mapping, path: Path) -> dict:
+    runtime = typed(m, "runtime", "object", path)
+    for key, kind in _RUNTIME_FIELDS.items():
+        if key in runtime:
+            typed(m, f"runtime.{key}", kind, path)
+    for key in ("image_mean", "image_std"):
+        for i, value in enumerate(runtime.get(key, [])):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ManifestError(f"{path}: field 'runtime.{key}[{i}]' must be a number, found {value!r}")
+    for key, value in runtime.get("defaults", {}).items():
+        typed(m, f"runtime.defaults.{key}", "number", path)
+    if runtime.get("vae_shift_factor") is not None:
+        typed(m, "runtime.vae_shift_factor", "number", path)
+    return dict(runtime)
+
+
+def _component(root: Path, path: Path, m: Mapping, name: str) -> ExportComponent:
+    key = f"components.{name}"
+    typed(m, key, "object", path)
+    onnx = contained(root, typed(m, f"{key}.file", "string", path), f"{path}: {key}.file")
+    sha = typed(m, f"{key}.sha256", "sha256", path)
+    precision = typed(m, f"{key}.precision", "string", path)
+    if precision not in PRECISIONS:
+        raise ManifestError(f"{path}: field '{key}.precision' must be one of {PRECISIONS}, found {precision!r}")
+    data = data_sha = None
+    if m["components"][name].get("external_data") is not None:
+        data = contained(root, typed(m, f"{key}.external_data", "string", path), f"{path}: {key}.external_data")
+        data_sha = typed(m, f"{key}.external_data_sha256", "sha256", path)
+    return ExportComponent(name, onnx, data, precision, sha, data_sha, dict(m["components"][name]))
+
+
+def asset_hashes(root: Path, m: Mapping, path: Path) -> dict:
+    """The manifest's "assets" ({relative file: sha256}), each path contained; empty for
+    folders written before assets were hashed."""
+    assets = typed(m, "assets", "object", path, default={})
+    for rel, value in assets.items():
+        contained(root, rel, f"{path}: assets")
+        if not (isinstance(value, str) and _SHA256.fullmatch(value)):
+            raise ManifestError(f"{path}: field 'assets.{rel}' must be a sha256, found {str(value)[:80]!r}")
+    return dict(assets)
+
+
+def tokenizer_sha256(folder: ExportFolder) -> str:
+    """The tokenizer model's sha256 (from the manifest, or hashed for older folders)."""
+    return folder.assets.get(TOKENIZER_MODEL) or sha256_file(contained(folder.root, TOKENIZER_MODEL, "tokenizer"))
+
+
+def export_assets(root: Path, assets: Mapping) -> dict:
+    """{relative path: source file} of an export folder's assets: those its manifest hashes, or
+    (older folders) the files in its asset folders, each checked to stay inside the folder."""
+    if assets:
+        return {rel: contained(root, rel, f"{root / MANIFEST}: assets") for rel in assets}
+    files = {}
+    for d in ASSET_DIRS + OPTIONAL_ASSET_DIRS:
+        folder = contained(root, d, f"{root}: asset folder")
+        if folder.is_dir():
+            for p in sorted(folder.iterdir()):
+                if p.is_file():
+                    files[f"{d}/{p.name}"] = contained(root, f"{d}/{p.name}", f"{root}: asset")
+    return files
+
+
+def copy_assets(files: Mapping[str, Path], out: Path) -> dict:
+    """Copy {relative path: source} into ``out``, each file atomically; return {relative path: sha256}.
+
+    An asset folder in ``out`` that is a symlink (or a file) is replaced by a real folder: the
+    link is removed, never what it points to, so nothing outside ``out`` is written."""
+    out = Path(out)
+    hashes = {}
+    for rel, src in sorted(files.items()):
+        dst = out / rel
+        folder = dst.parent
+        if folder != out and (folder.is_symlink() or (folder.exists() and not folder.is_dir())):
+            folder.unlink()
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
+        hashes[rel] = sha256_file(dst)
+    return hashes
