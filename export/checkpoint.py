@@ -79,6 +79,39 @@ def resolve(weights: Path, ip_adapter: Path) -> CheckpointPaths:
     )
 
 
+# Files up to this size are fingerprinted by content: configs, indices, the tokenizer
+# model (~1 MB in Kolors). Larger ones are weights, fingerprinted by size and mtime.
+FINGERPRINT_CONTENT_BYTES = 16 << 20
+
+
+def fingerprint(paths: CheckpointPaths) -> str:
+    """A cheap, honest identity of the checkpoint files an export reads, for "up to date".
+
+    sha256 over, per file (sorted by path): its path relative to its root, and either its
+    content's sha256 (files up to 16 MB: every config, index and tokenizer file) or its
+    size and mtime_ns (larger files: the weights, which would take minutes to hash).
+    Covered: model_index.json and the text_encoder, tokenizer, unet, vae and scheduler
+    folders of --weights; the image_encoder folder and the IP weights file of --ip-adapter.
+    A weight file rewritten in place with the same size within the same mtime tick would go
+    unnoticed; `kolors-trt export --force` re-exports regardless."""
+    import hashlib
+
+    from kolors_trt.runtime.hashing import sha256_file
+
+    files = [("ip", paths.ip_root, paths.ip_weights)]
+    if (paths.root / "model_index.json").is_file():
+        files.append(("weights", paths.root, paths.root / "model_index.json"))
+    for folder in (paths.text_encoder, paths.tokenizer, paths.unet, paths.vae, paths.scheduler):
+        files += [("weights", paths.root, p) for p in folder.iterdir() if p.is_file()]
+    files += [("ip", paths.ip_root, p) for p in paths.image_encoder.iterdir() if p.is_file()]
+    rows = set()  # a set: in the original layout the tokenizer folder is the text encoder's
+    for label, root, path in files:
+        st = path.stat()
+        what = sha256_file(path) if st.st_size <= FINGERPRINT_CONTENT_BYTES else f"{st.st_size}:{st.st_mtime_ns}"
+        rows.add(f"{label}/{path.relative_to(root).as_posix()} {what}")
+    return hashlib.sha256("\n".join(sorted(rows)).encode()).hexdigest()
+
+
 def read_config(folder: Path, name: str = "config.json") -> dict:
     path = Path(folder) / name
     try:

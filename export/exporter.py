@@ -4,31 +4,32 @@
     out/tokenizer/         tokenizer.model (+ tokenizer_config.json)
     out/scheduler/         scheduler_config.json
     out/image_processor/   preprocessor_config.json
-    out/manifest.json      model dims, per-component precision, hashes, parity, runtime constants
+    out/manifest.json      model dims, per-component precision, hashes, parity, runtime constants,
+                           the checkpoint's fingerprint, asset hashes
 
 Each graph is traced at a small sample shape and validated on ONNX Runtime at
 another shape (other batch, non-square latents), so a dim baked in by the trace
-cannot pass unnoticed.
+cannot pass unnoticed. Graphs are staged and committed together (folder.py): an
+interrupted export leaves the folder as it was.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import resource
-import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from kolors_trt.runtime import spec as S
 from kolors_trt.runtime.errors import InputError
 from kolors_trt.runtime.hashing import sha256_file
+from kolors_trt.runtime.manifest import clean_leftovers
 from kolors_trt.runtime.preprocess import CLIP_MEAN, CLIP_STD
 
 from . import checkpoint as ck
-from .components import ImageEncoderGraph, TextEncoderGraph, UNetGraph, VaeDecoderGraph
+from . import folder as F
 from .onnx_export import OPSET, export_onnx, sample_inputs
 from .validate import Parity, validate
 
@@ -41,6 +42,9 @@ class PrecisionError(InputError):
     """A precision setting names an unknown component or precision."""
 
 
+EXPORTED, UP_TO_DATE = "exported", "up-to-date"
+
+
 @dataclass
 class ExportResult:
     component: str
@@ -50,6 +54,7 @@ class ExportResult:
     export_seconds: float
     peak_rss_mb: float
     parity: Parity
+    status: str = EXPORTED  # EXPORTED | UP_TO_DATE (numbers from the manifest of the earlier export)
 
 
 def peak_rss_mb() -> float:
@@ -148,6 +153,8 @@ class Components:
         stay the reference)."""
         import torch
 
+        from .components import ImageEncoderGraph, TextEncoderGraph, UNetGraph, VaeDecoderGraph
+
         dtype = torch.float16 if precision == "fp16" else torch.float32
 
         def cast(m):
@@ -196,19 +203,6 @@ def runtime_constants(paths: ck.CheckpointPaths, dims: S.ModelDims) -> dict:
     }
 
 
-def _copy_assets(paths: ck.CheckpointPaths, out: Path) -> None:
-    (out / "tokenizer").mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.model", "tokenizer_config.json"):
-        if (paths.tokenizer / name).is_file():
-            shutil.copy2(paths.tokenizer / name, out / "tokenizer" / name)
-    (out / "scheduler").mkdir(exist_ok=True)
-    shutil.copy2(paths.scheduler / "scheduler_config.json", out / "scheduler" / "scheduler_config.json")
-    (out / "image_processor").mkdir(exist_ok=True)
-    pre = paths.image_encoder / "preprocessor_config.json"
-    if pre.is_file():
-        shutil.copy2(pre, out / "image_processor" / "preprocessor_config.json")
-
-
 def quiet_libraries() -> None:
     """Keep library chatter (ONNX Runtime's optimiser, polygraphy's folding log,
     diffusers/transformers notices and their progress bars) out of the CLI output
@@ -229,68 +223,75 @@ def quiet_libraries() -> None:
 
 
 def export_all(weights: Path, ip_adapter: Path, out: Path, precisions: dict,
-               components: tuple = S.COMPONENTS, progress: bool = True) -> list[ExportResult]:
-    """Export, validate and hash every requested component; write the manifest."""
+               components: tuple = S.COMPONENTS, progress: bool = True, force: bool = False) -> list[ExportResult]:
+    """Export, validate and hash every requested component; write the manifest.
+
+    Skipped ("up-to-date" results) when ``out`` already verifies and holds these components
+    from the same checkpoint fingerprint at these precisions, unless ``force``. Adding some
+    components to a folder of another checkpoint is refused (folder.check_addition)."""
     from tqdm import tqdm
 
     paths = ck.resolve(weights, ip_adapter)
-    quiet_libraries()
     out = Path(out)
+    fingerprint = ck.fingerprint(paths)
+    old, problem = F.existing_folder(out)
+    if not force and F.up_to_date(old, fingerprint, precisions, components):
+        logger.info("%s: up to date (checkpoint fingerprint %s...)", out, fingerprint[:12])
+        return [_up_to_date_result(old.components[name]) for name in components]
+    dims = ck.model_dims(paths)
+    runtime = runtime_constants(paths, dims)
+    if set(components) != set(S.COMPONENTS):
+        tokenizer = sha256_file(F.asset_sources(paths)["tokenizer/tokenizer.model"])
+        F.check_addition(out, old, problem, components, dims, tokenizer, runtime)
+    quiet_libraries()
     out.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(out)
     comps = Components(paths)
     specs = S.engine_specs(comps.dims)
-    results = []
-    bar = tqdm(components, desc="export", unit="graph", disable=not progress)
-    for name in bar:
-        precision = precisions[name]
-        bar.set_postfix_str(f"{name} {precision}")
-        spec, file = specs[name], out / f"{name}.onnx"
-        start = time.perf_counter()
-        export_onnx(comps.graph(name, precision), spec, export_dims(comps.dims), file)  # the copy is freed here
-        seconds = time.perf_counter() - start
-        values = check_dims(comps.dims)
-        reference = comps.graph(name, "fp32")
-        parity = validate(spec, precision, file, reference, values, sample_inputs(spec, values, seed=1))
-        size = file.stat().st_size + sum(p.stat().st_size for p in out.glob(f"{name}.onnx.data"))
-        results.append(ExportResult(name, precision, file.name, size, seconds, peak_rss_mb(), parity))
-        del reference
-        comps.release(name)
-        logger.info("%s (%s): max abs err %.3g, rel err %.3g", name, precision, parity.max_abs_err, parity.rel_err)
-    _copy_assets(paths, out)
-    write_manifest(out, paths, comps, results)
+    results, entries, staged = [], {}, {}
+    try:
+        bar = tqdm(components, desc="export", unit="graph", disable=not progress)
+        for name in bar:
+            precision = precisions[name]
+            bar.set_postfix_str(f"{name} {precision}")
+            staged[name] = F.stage_dir(out, name)
+            spec, file = specs[name], staged[name] / f"{name}.onnx"
+            start = time.perf_counter()
+            export_onnx(comps.graph(name, precision), spec, export_dims(comps.dims), file)  # the copy is freed here
+            seconds = time.perf_counter() - start
+            values = check_dims(comps.dims)
+            reference = comps.graph(name, "fp32")
+            parity = validate(spec, precision, file, reference, values, sample_inputs(spec, values, seed=1))
+            del reference
+            comps.release(name)
+            fields = F.graph_fields(staged[name], name)
+            results.append(ExportResult(name, precision, file.name, fields["bytes"], seconds, peak_rss_mb(), parity))
+            entries[name] = _entry(fields, results[-1], fingerprint)
+            logger.info("%s (%s): max abs err %.3g, rel err %.3g", name, precision, parity.max_abs_err, parity.rel_err)
+        configs = comps.configs()
+        for name, entry in entries.items():
+            entry["config"] = configs[name]
+        extra = {"resampler": configs["resampler"]}
+        F.commit(out, staged, lambda: F.write_manifest(out, paths, dims, runtime, entries, old, extra))
+    finally:
+        F.remove_stages(staged)
     return results
 
 
-def write_manifest(out: Path, paths: ck.CheckpointPaths, comps: Components, results: list) -> dict:
-    previous = {}
-    if (out / "manifest.json").is_file():  # keep components exported by an earlier run
-        previous = json.loads((out / "manifest.json").read_text()).get("components", {})
-    configs = comps.configs()
-    entries = dict(previous)
-    for r in results:
-        data = out / f"{r.component}.onnx.data"
-        entries[r.component] = {
-            "file": r.file,
-            "external_data": data.name if data.exists() else None,
-            "precision": r.precision,
-            "sha256": sha256_file(out / r.file),
-            "external_data_sha256": sha256_file(data) if data.exists() else None,
-            "bytes": r.bytes,
-            "opset": OPSET,
-            "export_seconds": round(r.export_seconds, 3),
-            "validation": {"max_abs_err": r.parity.max_abs_err, "rel_err": r.parity.rel_err,
-                           "dims": r.parity.dims, "reference": "fp32 PyTorch module"},
-            "config": configs[r.component],
-        }
-    manifest = {
-        "format": S.EXPORT_FORMAT,
-        "version": MANIFEST_VERSION,
-        "source": {"weights": str(paths.root.resolve()), "ip_adapter": str(paths.ip_root.resolve()),
-                   "ip_weights": paths.ip_weights.name},
-        "model_dims": asdict(comps.dims),
-        "resampler": configs["resampler"],
-        "runtime": runtime_constants(paths, comps.dims),
-        "components": entries,
+def _entry(fields: dict, r: ExportResult, fingerprint: str) -> dict:
+    return {
+        **fields,
+        "precision": r.precision,
+        "opset": OPSET,
+        "export_seconds": round(r.export_seconds, 3),
+        "validation": {"max_abs_err": r.parity.max_abs_err, "rel_err": r.parity.rel_err,
+                       "dims": r.parity.dims, "reference": "fp32 PyTorch module"},
+        "checkpoint": fingerprint,
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-    return manifest
+
+
+def _up_to_date_result(comp) -> ExportResult:
+    v = comp.entry.get("validation") or {}
+    parity = Parity(comp.name, comp.precision, v.get("max_abs_err"), v.get("rel_err"), 0.0, v.get("dims") or {})
+    return ExportResult(comp.name, comp.precision, comp.onnx.name, comp.entry.get("bytes", 0),
+                        comp.entry.get("export_seconds", 0.0), 0.0, parity, UP_TO_DATE)

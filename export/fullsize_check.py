@@ -227,37 +227,25 @@ def build_component(onnx_dir: Path, engines: Path, name: str) -> dict:
 def write_export_manifest(weights: Path, ip_adapter: Path, out: Path, results: list) -> None:
     """The export folder's manifest (what `kolors-trt build` and the runtime read) and
     its assets, without loading any model: Components would hold all four in fp32."""
-    from dataclasses import asdict
-
-    from kolors_trt.runtime.hashing import sha256_file
-    from kolors_trt.runtime.spec import EXPORT_FORMAT
-
     from . import checkpoint as ck
-    from .exporter import MANIFEST_VERSION, _copy_assets, runtime_constants
+    from .exporter import runtime_constants
+    from .folder import graph_fields, write_manifest
     from .onnx_export import OPSET
 
     paths = ck.resolve(weights, ip_adapter)
     dims = ck.model_dims(paths)
-    out = Path(out)
-    _copy_assets(paths, out)
+    fingerprint = ck.fingerprint(paths)
     comps = {}
     for r in results:
         if "onnx_bytes" not in r:
             continue
-        name, data = r["component"], r["external_data"]
+        name = r["component"]
         comps[name] = {
-            "file": f"{name}.onnx", "external_data": data, "precision": r["precision"],
-            "sha256": sha256_file(out / f"{name}.onnx"),
-            "external_data_sha256": sha256_file(out / data) if data else None,
-            "bytes": r["onnx_bytes"] + r["external_data_bytes"], "opset": OPSET,
+            **graph_fields(out, name), "precision": r["precision"], "opset": OPSET, "checkpoint": fingerprint,
             "validation": {"max_abs_err": r.get("max_abs_err"), "rel_err": r.get("rel_err"),
                            "dims": r["validation_dims"], "reference": r["reference"]},
         }
-    manifest = {"format": EXPORT_FORMAT, "version": MANIFEST_VERSION,
-                "source": {"weights": str(paths.root.resolve()), "ip_adapter": str(paths.ip_root.resolve()),
-                           "ip_weights": paths.ip_weights.name},
-                "model_dims": asdict(dims), "runtime": runtime_constants(paths, dims), "components": comps}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    write_manifest(Path(out), paths, dims, runtime_constants(paths, dims), comps)
 
 
 # Default memory guard per step (--rss-cap-mb), below a 24 GB machine's RAM so that a

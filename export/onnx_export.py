@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
+import shutil
 import warnings
 from pathlib import Path
 
 from kolors_trt.runtime import spec as S
 from kolors_trt.runtime.errors import ServiceError
+from kolors_trt.runtime.manifest import temp_path
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +84,12 @@ def export_onnx(module, spec: S.EngineSpec, values: dict, path: Path, streaming:
     args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        raw = Path(tmp) / f"{spec.name}.raw.onnx"
+    # The exporter's own files (a graph over 2 GB is one file per tensor) go to a folder named
+    # as a leftover, so that a rerun removes it if this process is killed.
+    tmp = temp_path(path, suffix=".trace")
+    tmp.mkdir()
+    try:
+        raw = tmp / f"{spec.name}.raw.onnx"
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # tracer warnings about Python-level shape logic
@@ -96,6 +101,8 @@ def export_onnx(module, spec: S.EngineSpec, values: dict, path: Path, streaming:
         except Exception as exc:
             raise ExportError(f"export: tracing {spec.name} failed ({type(exc).__name__}: {exc})") from exc
         (stream_save if streaming else cleanup)(raw, path, spec)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def stream_save(src: Path, dst: Path, spec: S.EngineSpec) -> None:
