@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from kolors_trt.runtime import spec as S
@@ -41,12 +44,15 @@ def _component_precision(text: str) -> tuple[str, str]:
 
 
 def _export(args) -> int:
-    from kolors_trt.export.exporter import export_all, resolve_precisions
+    from kolors_trt.export.exporter import UP_TO_DATE, export_all, resolve_precisions
     from kolors_trt.runtime.table import markdown_table
 
     precisions = resolve_precisions(args.precision, dict(args.component_precision or []))
     results = export_all(Path(args.weights), Path(args.ip_adapter), Path(args.out), precisions,
-                         tuple(args.components or S.COMPONENTS))
+                         tuple(args.components or S.COMPONENTS), force=args.force)
+    if all(r.status == UP_TO_DATE for r in results):
+        print(f"{args.out}: up to date (same checkpoint, precisions and export version; --force re-exports)")
+        return 0
     rows = [[r.component, r.precision, r.parity.max_abs_err, r.parity.rel_err, round(r.export_seconds, 2),
              round(r.parity.seconds, 2), round(r.bytes / 1e6, 2), round(r.peak_rss_mb)] for r in results]
     print(markdown_table(["component", "precision", "max abs err", "rel err", "export s", "validate s", "MB",
@@ -126,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--component-precision", action="append", type=_component_precision, metavar="NAME=P",
                    help="per-component override, e.g. vae_decoder=fp16 or text_encoder=fp32 (repeatable)")
     p.add_argument("--components", nargs="+", choices=S.COMPONENTS, help="export only these")
+    p.add_argument("--force", action="store_true",
+                   help="export even when --out already holds these graphs of this checkpoint (default: skip, 'up to date')")
     p.set_defaults(run=_export)
 
     try:
@@ -169,12 +177,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every stage stops the same way."""
+
+    signum = signal.SIGTERM
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _interrupted(args, exc: KeyboardInterrupt) -> int:
+    """One line, exit 130. The commands that write a folder say what state it keeps: they
+    change it only by atomic commits (kolors_trt.engines.export_folder explains why)."""
+    what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+    folder = f"; {args.out} keeps its last complete state" if args.command in ("export", "build") else ""
+    print(f"kolors-trt {args.command}: {what}{folder}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        # A builder thread is still inside a native step that cannot be cut short, and
+        # interpreter shutdown would wait for it: leave now (the folder is already consistent).
+        os._exit(130)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    # SIGTERM stops a command the way Ctrl-C does (unless the caller set it to be ignored).
+    previous = signal.getsignal(signal.SIGTERM)
+    own_term = threading.current_thread() is threading.main_thread() and previous != signal.SIG_IGN
+    if own_term:
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return args.run(args)
+    except KeyboardInterrupt as exc:
+        return _interrupted(args, exc)
     except (ValueError, RuntimeError, OSError) as exc:  # typed errors carry the whole message
         if args.verbose:
             import traceback
@@ -182,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"kolors-trt {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if own_term:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":
