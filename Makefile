@@ -16,6 +16,8 @@ IP_ADAPTER ?=
 PRECISION  ?= fp16
 TARGET     ?=
 BUILD_ARGS ?=
+# export skips an unchanged checkpoint ("up to date"); EXPORT_ARGS=--force re-exports
+EXPORT_ARGS ?=
 PYTEST_ARGS ?= -n 2
 # The tiny default benchmarks at a small size; real checkpoints: BENCH_ARGS="--size 1024x1024 --steps 50"
 BENCH_ARGS ?= --size 256x256 --steps 10 --warmup 1 --runs 5 --baseline diffusers
@@ -58,7 +60,7 @@ $(OUT)/tiny/ip/ip_adapter_plus_general.bin: | $(STAMP)
 
 onnx: $(STAMP) $(NEED_TINY)
 	@test -n "$(IP_DIR)" || (echo "WEIGHTS is set: set IP_ADAPTER to the Kolors-IP-Adapter-Plus folder too" && exit 2)
-	$(KT) export --weights "$(W_DIR)" --ip-adapter "$(IP_DIR)" --out $(OUT)/onnx --precision $(PRECISION)
+	$(KT) export --weights "$(W_DIR)" --ip-adapter "$(IP_DIR)" --out $(OUT)/onnx --precision $(PRECISION) $(EXPORT_ARGS)
 
 engines: onnx
 	$(KT) build --onnx $(OUT)/onnx --out $(OUT)/engines $(if $(TARGET),--target $(TARGET)) $(BUILD_ARGS)
