@@ -127,19 +127,21 @@ def build_engines(
     cancel = threading.Event()
     monitor = progress_monitor(trt, cancel)  # referenced until the loop ends: TensorRT keeps a raw pointer
     results = []
-    for name in tqdm(list(components), desc="engines", unit="engine", disable=len(components) < 2):
-        comp = export.components[name]
-        config = builder.create_builder_config()
-        if monitor is not None:
-            config.progress_monitor = monitor
-        ccs = tuple(tgt.set_compute_capabilities(trt, config, compute_capabilities))
-        # TensorRT allows TF32 by default. Only the fp32 VAE may use it; elsewhere it is
-        # cleared, so fp16 graphs keep their fp32 islands exact and a component exported
-        # at fp32 for accuracy gets fp32 math.
-        tf32 = name == "vae_decoder" and comp.precision == "fp32"
-        opts = _Options(opt_level, workspace_gib, refit_unet and name == "unet", tf32, ccs)
-        job = _Job(trt, tgt, builder, logger, config, cancel)
-        results.append(_build_one(job, comp, specs[name], folder, opts, timing_cache, force))
+    # The bar as a context: closed (its line ended) before an interrupt's message is printed.
+    with tqdm(list(components), desc="engines", unit="engine", disable=len(components) < 2) as bar:
+        for name in bar:
+            comp = export.components[name]
+            config = builder.create_builder_config()
+            if monitor is not None:
+                config.progress_monitor = monitor
+            ccs = tuple(tgt.set_compute_capabilities(trt, config, compute_capabilities))
+            # TensorRT allows TF32 by default. Only the fp32 VAE may use it; elsewhere it is
+            # cleared, so fp16 graphs keep their fp32 islands exact and a component exported
+            # at fp32 for accuracy gets fp32 math.
+            tf32 = name == "vae_decoder" and comp.precision == "fp32"
+            opts = _Options(opt_level, workspace_gib, refit_unet and name == "unet", tf32, ccs)
+            job = _Job(trt, tgt, builder, logger, config, cancel)
+            results.append(_build_one(job, comp, specs[name], folder, opts, timing_cache, force))
     folder.commit()
     return results
 

@@ -235,6 +235,7 @@ def export_all(weights: Path, ip_adapter: Path, out: Path, precisions: dict,
     out = Path(out)
     fingerprint = ck.fingerprint(paths)
     old, problem = F.existing_folder(out)
+    clean_leftovers(out)  # what an interrupted or killed export left, also when this one is skipped
     if not force and F.up_to_date(old, fingerprint, precisions, components):
         logger.info("%s: up to date (checkpoint fingerprint %s...)", out, fingerprint[:12])
         return [_up_to_date_result(old.components[name]) for name in components]
@@ -245,34 +246,34 @@ def export_all(weights: Path, ip_adapter: Path, out: Path, precisions: dict,
         F.check_addition(out, old, problem, components, dims, tokenizer, runtime)
     quiet_libraries()
     out.mkdir(parents=True, exist_ok=True)
-    clean_leftovers(out)
     comps = Components(paths)
     specs = S.engine_specs(comps.dims)
     results, entries, staged = [], {}, {}
     try:
-        bar = tqdm(components, desc="export", unit="graph", disable=not progress)
-        for name in bar:
-            precision = precisions[name]
-            bar.set_postfix_str(f"{name} {precision}")
-            staged[name] = F.stage_dir(out, name)
-            spec, file = specs[name], staged[name] / f"{name}.onnx"
-            start = time.perf_counter()
-            export_onnx(comps.graph(name, precision), spec, export_dims(comps.dims), file)  # the copy is freed here
-            seconds = time.perf_counter() - start
-            values = check_dims(comps.dims)
-            reference = comps.graph(name, "fp32")
-            parity = validate(spec, precision, file, reference, values, sample_inputs(spec, values, seed=1))
-            del reference
-            comps.release(name)
-            fields = F.graph_fields(staged[name], name)
-            results.append(ExportResult(name, precision, file.name, fields["bytes"], seconds, peak_rss_mb(), parity))
-            entries[name] = _entry(fields, results[-1], fingerprint)
-            logger.info("%s (%s): max abs err %.3g, rel err %.3g", name, precision, parity.max_abs_err, parity.rel_err)
-        configs = comps.configs()
-        for name, entry in entries.items():
-            entry["config"] = configs[name]
-        extra = {"resampler": configs["resampler"]}
-        F.commit(out, staged, lambda: F.write_manifest(out, paths, dims, runtime, entries, old, extra))
+        # The bar as a context: closed (its line ended) before an interrupt's message is printed.
+        with tqdm(components, desc="export", unit="graph", disable=not progress) as bar:
+            for name in bar:
+                precision = precisions[name]
+                bar.set_postfix_str(f"{name} {precision}")
+                staged[name] = F.stage_dir(out, name)
+                spec, file = specs[name], staged[name] / f"{name}.onnx"
+                start = time.perf_counter()
+                export_onnx(comps.graph(name, precision), spec, export_dims(comps.dims), file)  # the copy is freed here
+                seconds = time.perf_counter() - start
+                values = check_dims(comps.dims)
+                reference = comps.graph(name, "fp32")
+                parity = validate(spec, precision, file, reference, values, sample_inputs(spec, values, seed=1))
+                del reference
+                comps.release(name)
+                fields = F.graph_fields(staged[name], name)
+                results.append(ExportResult(name, precision, file.name, fields["bytes"], seconds, peak_rss_mb(), parity))
+                entries[name] = _entry(fields, results[-1], fingerprint)
+                logger.info("%s (%s): max abs err %.3g, rel err %.3g", name, precision, parity.max_abs_err, parity.rel_err)
+            configs = comps.configs()
+            for name, entry in entries.items():
+                entry["config"] = configs[name]
+            extra = {"resampler": configs["resampler"]}
+            F.commit(out, staged, lambda: F.write_manifest(out, paths, dims, runtime, entries, old, extra))
     finally:
         F.remove_stages(staged)
     return results

@@ -195,9 +195,12 @@ def _interrupted(args, exc: KeyboardInterrupt) -> int:
     print(f"kolors-trt {args.command}: {what}{folder}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
-        # A builder thread is still inside a native step that cannot be cut short, and
-        # interpreter shutdown would wait for it: leave now (the folder is already consistent).
+    worker = any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread())
+    if worker or {"tensorrt", "tensorrt_rtx"} & set(sys.modules):
+        # Leave without interpreter shutdown: a builder thread may still be inside a native step
+        # that cannot be cut short (shutdown would wait for it), and a cancelled TensorRT build
+        # calls back into Python while the interpreter finalizes, which aborts the process
+        # ("FATAL: exception not rethrown"). The folder is consistent already.
         os._exit(130)
     return 130
 
