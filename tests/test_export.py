@@ -225,6 +225,11 @@ def test_manifest_and_assets(store, comps):
         assert entry["validation"]["max_abs_err"] == r.parity.max_abs_err
         assert entry["validation"]["dims"] == check_dims(comps.dims) != export_dims(comps.dims)
     assert (folder / "tokenizer" / "tokenizer.model").is_file()
+    # What a reader verifies and what "up to date" compares: asset hashes, the checkpoint's fingerprint.
+    assert manifest["assets"] == {rel: sha256_file(folder / rel) for rel in manifest["assets"]}
+    assert "tokenizer/tokenizer.model" in manifest["assets"] and "scheduler/scheduler_config.json" in manifest["assets"]
+    assert {e["checkpoint"] for e in manifest["components"].values()} == {ck.fingerprint(comps.paths)}
+    assert not [p for p in folder.iterdir() if ".kt-tmp-" in p.name]  # no staging folder left behind
     assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["num_train_timesteps"] == 1100
     assert (folder / "image_processor" / "preprocessor_config.json").is_file()
 
