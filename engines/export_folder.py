@@ -160,6 +160,10 @@ def asset_hashes(root: Path, m: Mapping, path: Path) -> dict:
     folders written before assets were hashed."""
     assets = typed(m, "assets", "object", path, default={})
     for rel, value in assets.items():
+        folder, _, name = rel.partition("/")
+        if folder not in ASSET_DIRS + OPTIONAL_ASSET_DIRS or not name or "/" in name:
+            raise ManifestError(f"{path}: field 'assets' names {rel[:80]!r}; expected a file directly in one of "
+                                f"{ASSET_DIRS + OPTIONAL_ASSET_DIRS}")
         contained(root, rel, f"{path}: assets")
         if not (isinstance(value, str) and _SHA256.fullmatch(value)):
             raise ManifestError(f"{path}: field 'assets.{rel}' must be a sha256, found {str(value)[:80]!r}")

@@ -134,6 +134,8 @@ def _tamper_export(root: Path, sentinel: Path, damage: str) -> None:
     elif damage == "symlink":
         (root / "unet.onnx").unlink()
         (root / "unet.onnx").symlink_to(sentinel)
+    elif damage == "asset_dotdot":
+        m["assets"]["tokenizer/.."] = "0" * 64
     elif damage == "data_dotdot":
         unet.update(external_data="../sentinel.txt", external_data_sha256="0" * 64)
     elif damage == "missing_sha256":
@@ -160,6 +162,7 @@ def _tamper_export(root: Path, sentinel: Path, damage: str) -> None:
     ("dotdot", "components.unet.file: '../sentinel.txt' climbs out of the folder"),
     ("symlink", "components.unet.file: 'unet.onnx' resolves to"),
     ("data_dotdot", "components.unet.external_data: '../sentinel.txt' climbs out"),
+    ("asset_dotdot", "assets: 'tokenizer/..' climbs out of the folder"),
     ("missing_sha256", "field 'components.unet.sha256' is missing"),
     ("string_entry", "field 'components.unet' must be an object, found 'unet.onnx'"),
     ("constant", "field 'runtime.vae_scaling_factor' must be a number, found '0.13025'"),
