@@ -196,7 +196,7 @@ def _interrupted(args, exc: KeyboardInterrupt) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     worker = any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread())
-    if worker or {"tensorrt", "tensorrt_rtx"} & set(sys.modules):
+    if worker or args.command == "build":
         # Leave without interpreter shutdown: a builder thread may still be inside a native step
         # that cannot be cut short (shutdown would wait for it), and a cancelled TensorRT build
         # calls back into Python while the interpreter finalizes, which aborts the process
