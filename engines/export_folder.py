@@ -77,7 +77,7 @@ def read_export_folder(root: Path) -> ExportFolder:
     root = Path(root)
     path = root / MANIFEST
     if not path.exists():
-        raise ExportFolderError(f"engines: {path} is missing; point --onnx at a folder written by kolors-trt export")
+        raise ExportFolderError(f"{path} is missing; point --onnx at a folder written by kolors-trt export")
     m = read_json_object(path)
     check_export_format(m, path)
     dims = model_dims_json(m, path)
@@ -89,13 +89,13 @@ def read_export_folder(root: Path) -> ExportFolder:
             log.warning("%s: ignoring unknown component %r (known: %s)", path, name, COMPONENTS)
             continue
         comps[name] = _component(root, path, m, name)
-        files[str(comps[name].onnx.relative_to(root))] = comps[name].sha256
+        files[comps[name].onnx.relative_to(root).as_posix()] = comps[name].sha256
         if comps[name].data is not None:
-            files[str(comps[name].data.relative_to(root))] = comps[name].data_sha256
+            files[comps[name].data.relative_to(root).as_posix()] = comps[name].data_sha256
     assets = asset_hashes(root, m, path)
     for d in ASSET_DIRS:
         if not contained(root, d, f"{path}: asset folder").is_dir():
-            raise ExportFolderError(f"engines: {root / d} is missing; every export folder has it: re-run kolors-trt export")
+            raise ExportFolderError(f"{root / d} is missing; every export folder has it: re-run kolors-trt export")
     verify_files(root, {**files, **assets}, path)
     return ExportFolder(root, model_dims_from_json(dims), comps, runtime, assets, m)
 
@@ -104,14 +104,14 @@ def check_export_format(m: Mapping, path: Path) -> None:
     """The manifest is an export manifest of the current version (older: re-export)."""
     fmt = typed(m, "format", "string", path)
     if fmt != EXPORT_FORMAT:
-        raise ExportFolderError(f"engines: {path} has format {fmt!r}, expected {EXPORT_FORMAT!r}: not an export folder "
+        raise ExportFolderError(f"{path} has format {fmt!r}, expected {EXPORT_FORMAT!r}: not an export folder "
                                 "(point --onnx at a folder written by kolors-trt export)")
     version = typed(m, "version", "int", path)
     if version < EXPORT_VERSION:
-        raise ExportFolderError(f"engines: {path} has export version {version}, older than this kolors-trt's "
+        raise ExportFolderError(f"{path} has export version {version}, older than this kolors-trt's "
                                 f"{EXPORT_VERSION} (the graphs' inputs changed since): re-export with kolors-trt export")
     if version > EXPORT_VERSION:
-        raise ExportFolderError(f"engines: {path} has export version {version}, newer than this kolors-trt's "
+        raise ExportFolderError(f"{path} has export version {version}, newer than this kolors-trt's "
                                 f"{EXPORT_VERSION}: use the kolors-trt that wrote it, or re-export")
 
 
@@ -126,6 +126,7 @@ def model_dims_json(m: Mapping, path: Path) -> dict:
 
 def _runtime(m: Mapping, path: Path) -> dict:
     runtime = typed(m, "runtime", "object", path)
+    typed(m, "runtime.vae_scaling_factor", "number", path)  # the pipeline cannot decode without it
     for key, kind in _RUNTIME_FIELDS.items():
         if key in runtime:
             typed(m, f"runtime.{key}", kind, path)
@@ -133,7 +134,7 @@ def _runtime(m: Mapping, path: Path) -> dict:
         for i, value in enumerate(runtime.get(key, [])):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ManifestError(f"{path}: field 'runtime.{key}[{i}]' must be a number, found {value!r}")
-    for key, value in runtime.get("defaults", {}).items():
+    for key in runtime.get("defaults", {}):
         typed(m, f"runtime.defaults.{key}", "number", path)
     if runtime.get("vae_shift_factor") is not None:
         typed(m, "runtime.vae_shift_factor", "number", path)
