@@ -2,7 +2,7 @@
 
     build_engines(onnx_dir, out_dir, target, profile, components, ...) -> list[BuildResult]
     verify_engine_folder(folder) -> manifest dict (raises EngineFolderError)
-    export_folder.read_export_folder(root) -> ExportFolder (typed, contained, every hash verified)
+    (the export and engine folders are read by kolors_trt.runtime.artifacts: typed, contained, verified)
     cli.add_build_arguments(parser), cli.run_build(args) -> int   (`kolors-trt build`)
 
 Importing this package does not import TensorRT; a build does.

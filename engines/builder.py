@@ -10,7 +10,7 @@ against its sha256; a stamp spares re-hashing an unchanged folder). The engine
 folder changes only in commits: after each engine, its plan, the assets and the
 manifest are renamed into place with interrupts held back, so an interrupted
 build leaves the folder as it was after the last finished engine (see
-export_folder.py for why a folder is old valid, new valid or refused). Nothing
+runtime/artifacts.py for why a folder is old valid, new valid or refused). Nothing
 outside the engine folder is written or deleted: paths from an existing manifest
 must stay inside it, and only plans are ever removed.
 """
@@ -27,14 +27,29 @@ from pathlib import Path
 from types import ModuleType
 from typing import Optional, Sequence
 
-from kolors_trt.runtime.manifest import ManifestError, atomic_path, clean_leftovers, write_bytes_atomic, write_json_atomic
+from kolors_trt.runtime.artifacts import (
+    ExportComponent,
+    ExportFolder,
+    ExportFolderError,
+    copy_assets,
+    export_assets,
+    read_engine_manifest,
+    read_export_folder,
+)
+from kolors_trt.runtime.manifest import (
+    ManifestError,
+    atomic_path,
+    clean_leftovers,
+    deferred_interrupts,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from kolors_trt.runtime.spec import COMPONENTS, DEFAULT_PROFILE, EngineSpec, Profile, engine_specs, spec_hash, trt_profile
 from kolors_trt.runtime.trt_logger import trt_logger
 
-from .errors import EngineBuildError, ExportFolderError
-from .export_folder import ExportComponent, ExportFolder, copy_assets, export_assets, read_export_folder
-from .interrupt import deferred_interrupts, progress_monitor, run_cancellable
-from .manifest import MANIFEST, cache_key, damaged_plans, new_engine_manifest, profile_json, read_engine_manifest
+from .errors import EngineBuildError
+from .interrupt import progress_monitor, run_cancellable
+from .manifest import MANIFEST, cache_key, damaged_plans, new_engine_manifest, profile_json
 from .network import check_network, parse_onnx
 from .targets import Target, default_target_name, get_target
 

@@ -14,10 +14,6 @@ class NoGpuError(ServiceError):
     """A target that builds on the GPU was asked to build without one."""
 
 
-class ExportFolderError(InputError):
-    """The export folder (the build's input) is missing a file or is inconsistent."""
-
-
 class OnnxParseError(ServiceError):
     """The TensorRT ONNX parser rejected a graph; the message lists every parser error."""
 
@@ -30,5 +26,4 @@ class EngineBuildError(ServiceError):
     """The builder returned no plan."""
 
 
-class EngineFolderError(InputError):
-    """An engine folder failed verification; the message lists every problem."""
+# EngineFolderError and ExportFolderError live with the folder readers, in kolors_trt.runtime.artifacts.

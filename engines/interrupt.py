@@ -13,19 +13,16 @@ A step can be long (the tiny UNet spends 7 of its 8 s in one), so the main threa
 waits only ``GRACE_S`` for the worker and then lets the interrupt go on; nothing
 of the build has reached the folder by then (plans are written after the build).
 
-``deferred_interrupts`` holds SIGINT and SIGTERM back while a folder changes from
-one complete state to the next (a few renames and the manifest), so an interrupt
-never lands between them; a pending signal is delivered when the block ends.
+Holding SIGINT and SIGTERM back while a folder commits is runtime/manifest.py's
+``deferred_interrupts``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
 import threading
 from types import ModuleType
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -86,31 +83,3 @@ def run_cancellable(work: Callable[[], T], cancel: threading.Event, name: str = 
     if "error" in box:
         raise box["error"]
     return box["value"]
-
-
-@contextlib.contextmanager
-def deferred_interrupts() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block ends and deliver them then, so a commit of
-    several files and a manifest is never cut in two by an interrupt. SIGKILL cannot be
-    held: a folder cut by it is refused by its hashes (see kolors_trt.engines.export_folder).
-
-    The Python handlers are swapped for a recorder rather than the signals masked: the
-    kernel hands a masked process signal to any other thread (torch, ONNX Runtime and
-    TensorRT start several), and Python runs its handler in the main thread regardless."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # Python runs handlers in the main thread only: nothing can interrupt this one
-        return
-    held: list = []
-    saved = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        current = signal.getsignal(signum)
-        if current is None or current == signal.SIG_IGN:
-            continue  # set outside Python, or ignored: leave it alone
-        saved[signum] = signal.signal(signum, lambda n, _frame: held.append(n))
-    try:
-        yield
-    finally:
-        for signum, handler in saved.items():
-            signal.signal(signum, handler)
-        if held:
-            signal.raise_signal(held[0])  # the restored handler runs now (KeyboardInterrupt, or the default)

@@ -15,7 +15,7 @@ compute_capabilities, options, cache_key, build_seconds, plan_bytes, plan_sha256
 The runtime rebuilds each engine's spec with
 ``engine_specs(model_dims_from_json(m["model_dims"]), profile_from_json(m["profile"]))``.
 
-Like the export folder (see export_folder.py), an engine folder is the old complete
+Like the export folder (runtime/artifacts.py, which also reads this manifest), an engine folder is the old complete
 state, the new one, or refused: plans and the manifest are written under temporary
 names and renamed, the manifest last; a malformed manifest, a path that leaves the
 folder or an entry without its plan's sha256 is refused naming the file and field.
@@ -27,10 +27,10 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping
 
 from kolors_trt.runtime.hashing import sha256_file
-from kolors_trt.runtime.manifest import StaleFileError, contained, field, read_json_object, verify_files
+from kolors_trt.runtime.manifest import StaleFileError, verify_files
 from kolors_trt.runtime.spec import (
     ENGINE_FORMAT,
     ModelDims,
@@ -43,18 +43,14 @@ from kolors_trt.runtime.spec import (
     trt_profile,
 )
 
-from .errors import EngineFolderError
-from .export_folder import ASSET_DIRS, asset_hashes, model_dims_json
+from kolors_trt.runtime.artifacts import ASSET_DIRS, EngineFolderError, read_engine_manifest
+
 from .targets import PLAN_MAGIC
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = ENGINE_FORMAT
-# Fields every engine entry has, with their kinds (runtime/manifest.field).
-_ENTRY_FIELDS = {"file": "string", "plan_sha256": "sha256", "plan_bytes": "int", "precision": "string",
-                 "spec_hash": "string", "cache_key": "string", "builder.name": "string", "builder.version": "string",
-                 "profile": "object", "build_seconds": "number"}
 
 
 def profile_json(spec) -> dict:
@@ -66,35 +62,6 @@ def cache_key(fields: Mapping) -> str:
     """Everything that changes a plan: ONNX hashes, spec hash, precision, builder
     name/version and build options."""
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def read_engine_manifest(folder: Path) -> Optional[dict]:
-    """The engine folder's manifest, checked field by field, or None when there is none.
-
-    A manifest of another format (an export folder, another tool's file) raises
-    EngineFolderError: the build does not write into a folder it did not make. A malformed
-    one raises ManifestError naming the file and field, a path leaving the folder
-    PathEscapeError."""
-    folder = Path(folder)
-    path = folder / MANIFEST
-    if not path.exists() and not path.is_symlink():
-        return None
-    m = read_json_object(path)
-    if m.get("format") != FORMAT:
-        raise EngineFolderError(
-            f"engines: {path} has format {str(m.get('format'))[:80]!r}, expected {FORMAT!r}: {folder} is not an engine "
-            "folder written by kolors-trt build; choose another --out"
-        )
-    for key in ("target", "model_dims", "profile", "runtime", "engines"):
-        field(m, key, "string" if key == "target" else "object", path)
-    model_dims_json(m, path)
-    asset_hashes(folder, m, path)
-    for name in m["engines"]:
-        field(m, f"engines.{name}", "object", path)
-        for key, kind in _ENTRY_FIELDS.items():
-            field(m, f"engines.{name}.{key}", kind, path)
-        contained(folder, m["engines"][name]["file"], f"{path}: engines.{name}.file")
-    return m
 
 
 def new_engine_manifest(target: str, model_dims: ModelDims, profile, runtime: Mapping) -> dict:

@@ -10,7 +10,7 @@ copies the assets (each atomically) and writes the manifest last. A rerun first 
 staging folders an interrupted run left behind (``clean_leftovers``; one writer per
 folder at a time). Why a reader never takes a folder cut between two renames (by
 SIGKILL) for a valid one: every reader verifies every hash the manifest records
-(kolors_trt.engines.export_folder).
+(kolors_trt.runtime.artifacts).
 
 The manifest records per component the checkpoint's fingerprint (checkpoint.fingerprint)
 and per asset its sha256, so that a second export of an unchanged checkpoint is skipped,
@@ -28,18 +28,18 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
-from kolors_trt.engines.export_folder import (
-    ExportFolder,
-    copy_assets,
-    read_export_folder,
-    tokenizer_sha256,
-)
-from kolors_trt.engines.errors import ExportFolderError
-from kolors_trt.engines.interrupt import deferred_interrupts
 from kolors_trt.runtime import spec as S
+from kolors_trt.runtime.artifacts import ExportFolder, ExportFolderError, copy_assets, read_export_folder, tokenizer_sha256
 from kolors_trt.runtime.errors import InputError
 from kolors_trt.runtime.hashing import sha256_file
-from kolors_trt.runtime.manifest import MANIFEST, ManifestError, read_json_object, temp_path, write_json_atomic
+from kolors_trt.runtime.manifest import (
+    MANIFEST,
+    ManifestError,
+    deferred_interrupts,
+    read_json_object,
+    temp_path,
+    write_json_atomic,
+)
 
 from . import checkpoint as ck
 

@@ -189,7 +189,7 @@ def _raise_terminated(signum, frame):
 
 def _interrupted(args, exc: KeyboardInterrupt) -> int:
     """One line, exit 130. The commands that write a folder say what state it keeps: they
-    change it only by atomic commits (kolors_trt.engines.export_folder explains why)."""
+    change it only by atomic commits (kolors_trt.runtime.artifacts explains why)."""
     what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
     folder = f"; {args.out} keeps its last complete state" if args.command in ("export", "build") else ""
     print(f"kolors-trt {args.command}: {what}{folder}", file=sys.stderr)

@@ -6,9 +6,10 @@ carry ``manifest.json``, the tokenizer and the scheduler config; the manifest
 gives the model dims (and for engines the build profile), so the runtime rebuilds
 each engine's I/O contract with ``spec.engine_specs``.
 
-Every path a manifest names stays inside the folder and every file carries its
-sha256 (manifest.py); with ``verify`` the files are checked against them, hashing
-only what changed since the last check (the ``.verified.json`` stamp).
+Both manifests are read strictly by artifacts.py, the same reader the build uses:
+every path stays inside the folder and every file carries its sha256; with
+``verify`` the files are checked against them, hashing only what changed since the
+last check (the ``.verified.json`` stamp).
 
 ONNX Runtime has no build profile: an export folder gets ``ONNX_LIMITS`` (the
 sizes and batch of the default engine profile, which a host that runs the model
@@ -22,23 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .artifacts import ASSET_DIRS, asset_hashes, read_engine_manifest, read_export_folder
 from .errors import ServiceError
-from .manifest import (
-    MANIFEST,
-    FolderError,
-    ManifestError,
-    StaleFileError,
-    contained,
-    read_json_object,
-    verify_files,
-)
-from .manifest import field as manifest_field
+from .manifest import MANIFEST, FolderError, StaleFileError, read_json_object, verify_files
 from .spec import (
     COMPONENTS,
     DEFAULT_PROFILE,
     ENGINE_FORMAT,
     EXPORT_FORMAT,
-    EXPORT_VERSION,
     DimRange,
     EngineSpec,
     ModelDims,
@@ -113,83 +105,72 @@ class Limits:
 
 
 def read_folder(root: str | Path, verify: bool = True, limits: Optional[Limits] = None) -> ModelFolder:
-    """Read and check an export or engine folder. ``verify`` checks every graph/plan against the
-    manifest's sha256 (re-hashing only files changed since the last check); ``limits`` sets the sizes
-    and batch an export folder accepts (default ``Limits()``)."""
+    """Read and check an export or engine folder (artifacts.py reads either manifest strictly). ``verify``
+    checks every graph/plan and asset against the manifest's sha256 (re-hashing only files changed since the
+    last check); ``limits`` sets the sizes and batch an export folder accepts (default ``Limits()``)."""
     root = Path(root)
     path = root / MANIFEST
     if not root.is_dir():
         raise FolderError(f"model folder {root}: not a folder; pass an export folder (--onnx) or engine folder (--engines)")
     if not path.is_file():
         raise FolderError(f"model folder {root}: no {MANIFEST}; pass a folder written by kolors-trt export or kolors-trt build")
-    m = read_json_object(path)
-    fmt = m.get("format")
-    if fmt == EXPORT_FORMAT:
-        kind, listing_key, target = "onnx", "components", None
-        version = manifest_field(m, "version", "int", path, default=1)
-        if version < EXPORT_VERSION:
-            raise FolderError(f"{path}: export format version {version}, this runtime needs {EXPORT_VERSION} (the UNet "
-                              "takes one IP scale per row since version 2); re-run kolors-trt export")
-    elif fmt == ENGINE_FORMAT:
-        kind, listing_key = "engines", "engines"
-        target = manifest_field(m, "target", "string", path)
-    else:
-        raise FolderError(
-            f"{path}: format {fmt!r}, expected {EXPORT_FORMAT!r} (export folder) or {ENGINE_FORMAT!r} (engine folder)"
-        )
-    listing = manifest_field(m, listing_key, "object", path)
-    missing = [c for c in COMPONENTS if c not in listing]
+    fmt = read_json_object(path).get("format")
+    try:
+        if fmt == EXPORT_FORMAT:
+            folder = _export_folder(root, verify, limits)
+        elif fmt == ENGINE_FORMAT:
+            folder = _engine_folder(root, verify)
+        else:
+            raise FolderError(f"{path}: format {str(fmt)[:80]!r}, expected {EXPORT_FORMAT!r} (export folder) or "
+                              f"{ENGINE_FORMAT!r} (engine folder)")
+    except StaleFileError as err:
+        if isinstance(err, StaleArtifactError):
+            raise
+        raise StaleArtifactError(str(err)) from None
+    missing = [c for c in COMPONENTS if c not in folder.files]
     if missing:
         raise FolderError(f"{path}: lists no {', '.join(missing)}; the pipeline needs all of {COMPONENTS}")
-    runtime = manifest_field(m, "runtime", "object", path)
-    manifest_field(m, "runtime.vae_scaling_factor", "number", path)
-    if runtime.get("vae_shift_factor") is not None:
-        manifest_field(m, "runtime.vae_shift_factor", "number", path)
-    manifest_field(m, "runtime.defaults", "object", path, default=None)
+    return folder
+
+
+def _export_folder(root: Path, verify: bool, limits: Optional[Limits]) -> ModelFolder:
+    export = read_export_folder(root, verify=verify)
+    files = {name: c.onnx for name, c in export.components.items()}
+    entries = {name: c.entry for name, c in export.components.items()}
+    profile = (limits or Limits()).profile(export.model_dims)
+    return ModelFolder(root, "onnx", None, export.model_dims, profile, dict(export.runtime), files, entries)
+
+
+def _engine_folder(root: Path, verify: bool) -> ModelFolder:
+    path = root / MANIFEST
+    m = read_engine_manifest(root)
     try:
-        dims = model_dims_from_json(manifest_field(m, "model_dims", "object", path))
-        if kind == "engines":
-            profile = profile_from_json(manifest_field(m, "profile", "object", path))
-        else:
-            profile = (limits or Limits()).profile(dims)
+        dims = model_dims_from_json(m["model_dims"])
+        profile = profile_from_json(m["profile"])
         specs = engine_specs(dims, profile)
     except (KeyError, TypeError, ValueError) as err:
-        if isinstance(err, ManifestError):
-            raise
-        raise FolderError(f"{path}: model_dims/profile do not make an engine spec ({err}); re-run export / build") from None
-    for asset in ("tokenizer", "scheduler"):
-        if not (root / asset).is_dir():
-            raise FolderError(f"model folder {root}: {asset}/ is missing (written by export, copied by build)")
+        raise FolderError(f"{path}: model_dims/profile do not make an engine spec ({err}); rebuild with kolors-trt "
+                          "build") from None
     files, entries, hashes = {}, {}, {}
-    for name in COMPONENTS:
-        entry = manifest_field(m, f"{listing_key}.{name}", "object", path)
-        where = f"{path}: {listing_key}.{name}"
-        file = contained(root, entry.get("file"), f"{where}.file")
-        if kind == "onnx":
-            hashes[file.relative_to(root).as_posix()] = manifest_field(m, f"{listing_key}.{name}.sha256", "sha256", path)
-            if entry.get("external_data") is not None:
-                data = contained(root, entry["external_data"], f"{where}.external_data")
-                digest = manifest_field(m, f"{listing_key}.{name}.external_data_sha256", "sha256", path)
-                hashes[data.relative_to(root).as_posix()] = digest
-        else:
-            hashes[file.relative_to(root).as_posix()] = manifest_field(m, f"{listing_key}.{name}.plan_sha256", "sha256", path)
-            if entry.get("spec_hash") != spec_hash(specs[name]):
-                raise StaleArtifactError(
-                    f"{where}.spec_hash is {entry.get('spec_hash')!r}, this runtime's contract for {name} is "
-                    f"{spec_hash(specs[name])!r} (built by another kolors-trt version or profile); rebuild with "
-                    "kolors-trt build"
-                )
-        if not file.is_file():
-            raise FolderError(f"{where}: {file.name} is missing; re-run kolors-trt export / build")
-        files[name], entries[name] = file, entry
+    for name, entry in m["engines"].items():
+        if name not in specs:
+            continue
+        if entry["spec_hash"] != spec_hash(specs[name]):
+            raise StaleArtifactError(
+                f"{path}: engines.{name}.spec_hash is {entry['spec_hash']!r}, this runtime's contract for {name} is "
+                f"{spec_hash(specs[name])!r} (built by another kolors-trt version or profile); rebuild with kolors-trt "
+                "build"
+            )
+        files[name], entries[name] = root / entry["file"], entry
+        hashes[entry["file"]] = entry["plan_sha256"]
+    for asset in ASSET_DIRS:
+        if not (root / asset).is_dir():
+            raise FolderError(f"model folder {root}: {asset}/ is missing (copied from the export folder by build)")
     if verify:
-        try:
-            checked = verify_files(root, hashes, path)
-        except StaleFileError as err:
-            raise StaleArtifactError(str(err)) from None
+        checked = verify_files(root, {**hashes, **asset_hashes(root, m, path)}, path)
         logger.info("%s: hashed %d file(s), %d unchanged since the last check", root, len(checked["hashed"]),
                     len(checked["trusted"]))
-    return ModelFolder(root, kind, target, dims, profile, dict(runtime), files, entries)
+    return ModelFolder(root, "engines", m["target"], dims, profile, dict(m["runtime"]), files, entries)
 
 
 def resolve_backend(folder: ModelFolder, backend: str) -> str:

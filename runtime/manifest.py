@@ -5,7 +5,8 @@ serve all go through this module.
 - **Atomic.** Every file is written under a temporary name in its own folder
   (``.{name}.kt-tmp-{pid}-{token}{suffix}``) and renamed into place, so a reader
   sees the old file or the new one, never half of one. ``clean_leftovers``
-  removes what an interrupted run left behind.
+  removes what an interrupted run left behind; ``deferred_interrupts`` keeps
+  SIGINT and SIGTERM out of a commit of several files and their manifest.
 - **Contained.** A path read from a manifest is relative, has no ``..`` and
   resolves (symlinks followed) inside its folder, or the folder is refused.
 - **Typed.** A manifest error names the file and the field, what was expected
@@ -24,6 +25,8 @@ import os
 import re
 import secrets
 import shutil
+import signal
+import threading
 from pathlib import Path, PurePosixPath
 from typing import Iterator, Mapping, Optional
 
@@ -131,6 +134,34 @@ def clean_leftovers(folder: str | Path) -> list[Path]:
     if removed:
         logger.info("%s: removed %d leftover(s) of an interrupted run", folder, len(removed))
     return removed
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends and deliver them then, so a commit of
+    several files and a manifest is never cut in two by an interrupt. SIGKILL cannot be
+    held: a folder cut by it is refused by its hashes (see artifacts.py).
+
+    The Python handlers are swapped for a recorder rather than the signals masked: the
+    kernel hands a masked process signal to any other thread (torch, ONNX Runtime and
+    TensorRT start several), and Python runs its handler in the main thread regardless."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Python runs handlers in the main thread only: nothing can interrupt this one
+        return
+    held: list = []
+    saved = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        current = signal.getsignal(signum)
+        if current is None or current == signal.SIG_IGN:
+            continue  # set outside Python, or ignored: leave it alone
+        saved[signum] = signal.signal(signum, lambda n, _frame: held.append(n))
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+        if held:
+            signal.raise_signal(held[0])  # the restored handler runs now (KeyboardInterrupt, or the default)
 
 
 # ---- contained paths -------------------------------------------------------------------------
@@ -264,6 +295,7 @@ __all__ = [
     "atomic_path",
     "clean_leftovers",
     "contained",
+    "deferred_interrupts",
     "field",
     "is_leftover",
     "read_json_object",

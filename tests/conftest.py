@@ -72,6 +72,46 @@ def onnx_fp32(store):
     return store.export("default", "fp32")[0]
 
 
+def engine_folder(onnx_folder, out, profile, target: str = "tensorrt", plans: str = "onnx"):
+    """An engine folder for the runtime's checks without a GPU: the export folder's manifest data, a
+    build profile, and as "plans" the ONNX graphs themselves (plans="onnx": a test opens them with
+    ONNX Runtime in place of TensorRT) or short fake plan bytes (plans="fake")."""
+    import json
+    import shutil
+
+    from kolors_trt.engines.manifest import new_engine_manifest, profile_json
+    from kolors_trt.runtime.hashing import sha256_file
+    from kolors_trt.runtime.spec import engine_specs, model_dims_from_json, spec_hash
+
+    export = json.loads((onnx_folder / "manifest.json").read_text())
+    dims = model_dims_from_json(export["model_dims"])
+    specs = engine_specs(dims, profile)
+    out.mkdir(parents=True)
+    for asset in ("tokenizer", "scheduler", "image_processor"):
+        shutil.copytree(onnx_folder / asset, out / asset)
+    manifest = new_engine_manifest(target, dims, profile, export["runtime"])
+    module = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}[target]
+    for name in COMPONENTS:
+        plan = out / f"{name}.plan"
+        if plans == "onnx":
+            shutil.copy(onnx_folder / f"{name}.onnx", plan)
+        else:
+            plan.write_bytes(b"ftrt" + name.encode())
+        manifest["engines"][name] = {
+            "file": plan.name, "plan_sha256": sha256_file(plan), "plan_bytes": plan.stat().st_size,
+            "precision": "fp32", "spec_hash": spec_hash(specs[name]), "cache_key": "0" * 32,
+            "builder": {"name": module, "version": "0.0"}, "profile": profile_json(specs[name]),
+            "build_seconds": 0.0, "compute_capabilities": ["SM89"]}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.fixture(scope="session")
+def make_engine_folder():
+    """engine_folder(onnx_folder, out, profile, target="tensorrt", plans="onnx" | "fake")."""
+    return engine_folder
+
+
 @pytest.fixture(scope="session")
 def onnx_fp16(store):
     """Export folder of the default tiny checkpoint at the default precisions (VAE fp32)."""

@@ -21,7 +21,8 @@ from kolors_trt.engines import targets
 from kolors_trt.runtime.trt_logger import trt_logger
 from kolors_trt.engines.builder import BUILT, UP_TO_DATE, build_engines
 from kolors_trt.engines.cli import add_build_arguments, profile_from_args, run_build
-from kolors_trt.engines.errors import BuilderNotInstalled, EngineFolderError, NetworkMismatchError, NoGpuError, OnnxParseError
+from kolors_trt.engines.errors import BuilderNotInstalled, NetworkMismatchError, NoGpuError, OnnxParseError
+from kolors_trt.runtime.artifacts import EngineFolderError
 from kolors_trt.engines.manifest import profile_json, sha256_file, verify_engine_folder
 from kolors_trt.runtime.spec import (
     COMPONENTS,

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from kolors_trt.cli import main
-from kolors_trt.engines.export_folder import read_export_folder
+from kolors_trt.runtime.artifacts import read_export_folder
 from kolors_trt.export import checkpoint as ck
 from kolors_trt.export import folder as F
 from kolors_trt.export.exporter import resolve_precisions

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
-import shutil
 import threading
 
 import numpy as np
@@ -130,7 +128,7 @@ def test_cancelled_request_leaves_the_batch_and_the_loop_stops_when_all_are(pipe
     assert pipe.stats()["engine_runs"]["vae_decoder"] == vae
 
 
-def test_static_profile_pads_a_short_batch(onnx_fp32, tmp_path):
+def test_static_profile_pads_a_short_batch(onnx_fp32, tmp_path, make_engine_folder):
     """An engine folder built for exactly 2 images: one request is padded to 2 rows and equals its solo result
     on the ONNX folder (the ONNX graphs stand in for plans, as in test_runtime_errors)."""
     from kolors_trt.runtime.backend_ort import OrtBackend, OrtEngine
@@ -138,23 +136,10 @@ def test_static_profile_pads_a_short_batch(onnx_fp32, tmp_path):
     from kolors_trt.runtime.folder import read_folder
     from kolors_trt.runtime.pipeline import _clip_preprocess
     from kolors_trt.runtime.scheduler import SchedulerConfig
-    from kolors_trt.runtime.spec import COMPONENTS, Profile, engine_specs, model_dims_from_json, spec_hash, to_json
+    from kolors_trt.runtime.spec import COMPONENTS, Profile
     from kolors_trt.runtime.tokenizer import ChatGLMTokenizer
 
-    folder = tmp_path / "engines"
-    shutil.copytree(onnx_fp32 / "tokenizer", folder / "tokenizer")
-    shutil.copytree(onnx_fp32 / "scheduler", folder / "scheduler")
-    export = json.loads((onnx_fp32 / "manifest.json").read_text())
-    profile = Profile.static(2, 64, 96)
-    specs = engine_specs(model_dims_from_json(export["model_dims"]), profile)
-    entries = {}
-    for name in COMPONENTS:
-        shutil.copy(onnx_fp32 / f"{name}.onnx", folder / f"{name}.plan")
-        entries[name] = {"file": f"{name}.plan", "plan_sha256": export["components"][name]["sha256"],
-                         "spec_hash": spec_hash(specs[name])}
-    (folder / "manifest.json").write_text(json.dumps({
-        "format": "kolors-trt-engines/1", "target": "tensorrt", "model_dims": export["model_dims"],
-        "profile": to_json(profile), "runtime": export["runtime"], "engines": entries}))
+    folder = make_engine_folder(onnx_fp32, tmp_path / "engines", Profile.static(2, 64, 96))
     model = read_folder(folder)
     engines = {n: OrtEngine(model.specs[n], onnx_fp32 / f"{n}.onnx") for n in COMPONENTS}
     static = Pipeline(model, OrtBackend(engines), ChatGLMTokenizer.from_file(model.root / "tokenizer"),

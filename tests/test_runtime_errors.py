@@ -13,12 +13,11 @@ import pytest
 from PIL import Image
 
 from kolors_trt.runtime.folder import BackendError, FolderError, StaleArtifactError, read_folder
-from kolors_trt.runtime.hashing import sha256_file
 from kolors_trt.runtime.pipeline import Pipeline, PipelineInputError
 from kolors_trt.runtime.postprocess import NonFiniteError
 from kolors_trt.runtime.preprocess import ImageInputError
 from kolors_trt.runtime.scheduler import SchedulerStepError
-from kolors_trt.runtime.spec import COMPONENTS, DimRange, Profile, engine_specs, model_dims_from_json, spec_hash, to_json
+from kolors_trt.runtime.spec import COMPONENTS, DimRange, Profile
 
 GOOD = dict(height=64, width=64, num_inference_steps=2, seed=0, output_type="latent")
 
@@ -183,28 +182,11 @@ def test_missing_runtime_constants(onnx_fp32, tmp_path):
         Pipeline.load(folder)
 
 
-def fake_engine_folder(onnx_folder, out, target="tensorrt", module="tensorrt"):
-    """An engine folder's layout and manifest around dummy plans (enough for everything short of TensorRT)."""
-    shutil.copytree(onnx_folder / "tokenizer", out / "tokenizer")
-    shutil.copytree(onnx_folder / "scheduler", out / "scheduler")
-    export = json.loads((onnx_folder / "manifest.json").read_text())
-    profile = Profile(DimRange(1, 1, 2), DimRange(64, 64, 128), DimRange(64, 96, 128))
-    specs = engine_specs(model_dims_from_json(export["model_dims"]), profile)
-    engines = {}
-    for name in COMPONENTS:
-        plan = out / f"{name}.plan"
-        plan.write_bytes(b"ftrt" + name.encode())
-        engines[name] = {"file": plan.name, "plan_sha256": sha256_file(plan), "plan_bytes": plan.stat().st_size,
-                         "builder": {"name": module, "version": "0.0"}, "compute_capabilities": ["SM89"],
-                         "spec_hash": spec_hash(specs[name])}
-    manifest = {"format": "kolors-trt-engines/1", "target": target, "model_dims": export["model_dims"],
-                "profile": to_json(profile), "runtime": export["runtime"], "engines": engines}
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    return out
+PROFILE = Profile(DimRange(1, 1, 2), DimRange(64, 64, 128), DimRange(64, 96, 128))
 
 
-def test_engine_folder_reads_profile_and_needs_gpu(onnx_fp32, tmp_path):
-    folder = fake_engine_folder(onnx_fp32, tmp_path / "engines")
+def test_engine_folder_reads_profile_and_needs_gpu(onnx_fp32, tmp_path, make_engine_folder):
+    folder = make_engine_folder(onnx_fp32, tmp_path / "engines", PROFILE, plans="fake")
     model = read_folder(folder)
     assert model.kind == "engines" and model.target == "tensorrt"
     assert (model.profile.height.min, model.profile.height.max, model.profile.batch.max) == (64, 128, 2)
@@ -228,7 +210,7 @@ def test_export_folder_refuses_trt_backend(onnx_fp32):
         Pipeline.load(onnx_fp32, backend="cuda")
 
 
-def test_engine_profile_bounds_checked_first(onnx_fp32, tmp_path, image):
+def test_engine_profile_bounds_checked_first(onnx_fp32, tmp_path, image, make_engine_folder):
     """An engine folder's profile bounds sizes and batch: the ONNX graphs stand in for its plans."""
     from kolors_trt.runtime.backend_ort import OrtBackend, OrtEngine
     from kolors_trt.runtime.cache import ArrayCache
@@ -236,7 +218,7 @@ def test_engine_profile_bounds_checked_first(onnx_fp32, tmp_path, image):
     from kolors_trt.runtime.scheduler import SchedulerConfig
     from kolors_trt.runtime.tokenizer import ChatGLMTokenizer
 
-    model = read_folder(fake_engine_folder(onnx_fp32, tmp_path / "engines"))
+    model = read_folder(make_engine_folder(onnx_fp32, tmp_path / "engines", PROFILE))
     engines = {n: OrtEngine(model.specs[n], onnx_fp32 / f"{n}.onnx") for n in COMPONENTS}
     pipe = Pipeline(model, OrtBackend(engines), ChatGLMTokenizer.from_file(model.root / "tokenizer"),
                     SchedulerConfig.from_file(model.root / "scheduler"), _clip_preprocess(model), ArrayCache(4))

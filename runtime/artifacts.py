@@ -1,12 +1,15 @@
-"""The export folder as its readers see it: a typed, contained, verified manifest.
+"""The folders the toolkit hands on, as their readers see them: export folders
+(``read_export_folder``) and engine folders (``read_engine_manifest``), each manifest
+typed, every path contained, every file against its sha256.
 
-Pure Python (no torch, no TensorRT): `kolors-trt build` reads its input with it, and
-`kolors-trt export` reads an existing output folder with it before it adds to it.
+Pure Python (no torch, no TensorRT). `kolors-trt build` reads its input and its
+previous output with it, `kolors-trt export` an existing output folder before it adds
+to it, and the runtime (folder.py) the folder it serves.
 
 Why a folder is the old valid one, the new valid one, or refused, never a mix
 handed on: writers (export, build) write every file under a temporary name in the
 folder and rename it into place, the manifest last, with SIGINT and SIGTERM held
-back during the renames (engines.interrupt.deferred_interrupts); and every reader
+back during the renames (manifest.deferred_interrupts); and every reader
 checks every file the manifest names against its sha256 (``verify_files``, whose
 stamp makes a second read of an unchanged folder hash nothing). Only SIGKILL or a
 power cut can stop a writer between two renames; the folder then holds a file its
@@ -27,11 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
-from kolors_trt.runtime.hashing import sha256_file
-from kolors_trt.runtime.manifest import ManifestError, atomic_path, contained, field as typed, read_json_object, verify_files
-from kolors_trt.runtime.spec import COMPONENTS, EXPORT_FORMAT, EXPORT_VERSION, PRECISIONS, ModelDims, model_dims_from_json
-
-from .errors import ExportFolderError
+from .hashing import sha256_file
+from .manifest import FolderError, ManifestError, atomic_path, contained, read_json_object, verify_files
+from .manifest import field as typed
+from .spec import COMPONENTS, ENGINE_FORMAT, EXPORT_FORMAT, EXPORT_VERSION, PRECISIONS, ModelDims, model_dims_from_json
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,20 @@ ASSET_DIRS = ("tokenizer", "scheduler")  # every export folder has them; engine 
 OPTIONAL_ASSET_DIRS = ("image_processor",)
 TOKENIZER_MODEL = "tokenizer/tokenizer.model"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+# Fields every engine entry has, with their kinds (manifest.field).
+_ENTRY_FIELDS = {"file": "string", "plan_sha256": "sha256", "plan_bytes": "int", "precision": "string",
+                 "spec_hash": "string", "cache_key": "string", "builder.name": "string", "builder.version": "string",
+                 "profile": "object", "build_seconds": "number"}
+
+
+class ExportFolderError(FolderError):
+    """The export folder (the build's input, or export's existing output) is missing, foreign or of another version."""
+
+
+class EngineFolderError(FolderError):
+    """An engine folder is foreign or failed verification; the message lists every problem."""
+
 
 # Runtime constants a reader uses as numbers; kind per runtime/manifest.field.
 _RUNTIME_FIELDS = {"vae_scaling_factor": "number", "image_size": "int", "text_length": "int",
@@ -69,11 +85,11 @@ class ExportFolder:
     manifest: dict = field(default_factory=dict, compare=False)
 
 
-def read_export_folder(root: Path) -> ExportFolder:
-    """Read ``root/manifest.json`` strictly and verify every file it names (graphs, external
-    data, assets) against its sha256. Raises ExportFolderError (no manifest, another format or
-    version), ManifestError naming the file and field (malformed, or a path leaving the
-    folder: PathEscapeError) or StaleFileError (a file differs from its hash)."""
+def read_export_folder(root: Path, verify: bool = True) -> ExportFolder:
+    """Read ``root/manifest.json`` strictly and (``verify``) check every file it names (graphs,
+    external data, assets) against its sha256. Raises ExportFolderError (no manifest, another
+    format or version), ManifestError naming the file and field (malformed, or a path leaving
+    the folder: PathEscapeError) or StaleFileError (a file differs from its hash)."""
     root = Path(root)
     path = root / MANIFEST
     if not path.exists():
@@ -96,7 +112,8 @@ def read_export_folder(root: Path) -> ExportFolder:
     for d in ASSET_DIRS:
         if not contained(root, d, f"{path}: asset folder").is_dir():
             raise ExportFolderError(f"{root / d} is missing; every export folder has it: re-run kolors-trt export")
-    verify_files(root, {**files, **assets}, path)
+    if verify:
+        verify_files(root, {**files, **assets}, path)
     return ExportFolder(root, model_dims_from_json(dims), comps, runtime, assets, m)
 
 
@@ -208,3 +225,33 @@ def copy_assets(files: Mapping[str, Path], out: Path) -> dict:
             shutil.copyfile(src, tmp)
         hashes[rel] = sha256_file(dst)
     return hashes
+
+
+def read_engine_manifest(folder: Path) -> Optional[dict]:
+    """The engine folder's manifest, checked field by field, or None when there is none.
+
+    A manifest of another format (an export folder, another tool's file) raises
+    EngineFolderError: the build does not write into a folder it did not make, and the runtime
+    does not serve it as engines. A malformed one raises ManifestError naming the file and
+    field, a path leaving the folder PathEscapeError."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.exists() and not path.is_symlink():
+        return None
+    m = read_json_object(path)
+    if m.get("format") != ENGINE_FORMAT:
+        raise EngineFolderError(
+            f"engines: {path} has format {str(m.get('format'))[:80]!r}, expected {ENGINE_FORMAT!r}: {folder} is not an "
+            "engine folder written by kolors-trt build; choose another --out"
+        )
+    for key in ("target", "model_dims", "profile", "runtime", "engines"):
+        typed(m, key, "string" if key == "target" else "object", path)
+    model_dims_json(m, path)
+    _runtime(m, path)
+    asset_hashes(folder, m, path)
+    for name in m["engines"]:
+        typed(m, f"engines.{name}", "object", path)
+        for key, kind in _ENTRY_FIELDS.items():
+            typed(m, f"engines.{name}.{key}", kind, path)
+        contained(folder, m["engines"][name]["file"], f"{path}: engines.{name}.file")
+    return m
