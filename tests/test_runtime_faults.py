@@ -4,14 +4,13 @@ outside the folder is read, written or deleted."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,10 +19,14 @@ from PIL import Image
 from kolors_trt.cli import main
 from kolors_trt.runtime.errors import InputError
 from kolors_trt.runtime.folder import FolderError, Limits
-from kolors_trt.runtime.manifest import ManifestError, PathEscapeError, is_leftover
+from kolors_trt.runtime.manifest import ManifestError, PathEscapeError
 from kolors_trt.runtime.pipeline import Pipeline, PipelineInputError
 from kolors_trt.runtime.postprocess import read_png_parameters
 from kolors_trt.runtime.preprocess import ImageInputError
+
+_spec = importlib.util.spec_from_file_location("kolors_trt_faults", Path(__file__).with_name("faults.py"))
+faults = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(faults)
 
 SMALL = dict(height=64, width=64, num_inference_steps=2, seed=1, output_type="latent")
 
@@ -193,27 +196,27 @@ def test_nul_in_prompt_does_not_break_the_png_text(onnx_fp32, ref, tmp_path):
     assert read_png_parameters(out)["prompt"] == "a\x00cat"
 
 
-def test_sigkill_during_generate_keeps_the_old_png(onnx_fp32, ref, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_interrupted_generate_keeps_the_old_png(onnx_fp32, ref, tmp_path, signum):
+    """A real `kolors-trt generate` stopped in its denoising loop: INT and TERM end it within seconds with one
+    line and exit 130; after any of the three the old output is byte for byte what it was, with no leftover."""
     out = tmp_path / "keep.png"
     Image.new("RGB", (8, 8), (9, 9, 9)).save(out)
     before = out.read_bytes()
     args = generate_args(onnx_fp32, ref, out)
     args[args.index("--steps") + 1] = "400"
     args.remove("--no-progress")
-    proc = subprocess.Popen([sys.executable, "-m", "kolors_trt", *args], stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, TQDM_MININTERVAL="0"))
+    cmd = faults.Command(*args)
     try:
-        deadline = time.monotonic() + 60
-        line = ""
-        while "denoise" not in line and time.monotonic() < deadline:  # the loop is running
-            line = proc.stderr.readline() or line
-            if proc.poll() is not None:
-                break
-        assert "denoise" in line, line
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=20)
+        cmd.wait_for_line("denoise:")  # the progress bar: the loop is running
+        seconds = cmd.signal(signum)
     finally:
-        proc.kill()
-        proc.wait(timeout=20)
+        cmd.kill()
+    if signum == signal.SIGKILL:
+        assert cmd.proc.returncode == -signal.SIGKILL
+    else:
+        what = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+        assert cmd.proc.returncode == 130 and seconds < faults.STOP_S
+        assert cmd.lines[-1].endswith(f"kolors-trt generate: {what}") and "Traceback" not in cmd.stderr
     assert out.read_bytes() == before
-    assert not [p for p in tmp_path.iterdir() if is_leftover(p)]
+    assert faults.leftovers(tmp_path) == []
