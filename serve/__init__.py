@@ -1,0 +1,14 @@
+"""kolors_trt.serve: the HTTP server (FastAPI + uvicorn) speaking OpenAI's Images API.
+
+    config.py     ServeConfig: every setting and its default, stated once
+    errors.py     the server's typed errors and the one table mapping error types to HTTP
+    scheduler.py  the batcher: a pure object, queue in, batch out
+    worker.py     Worker: the thread that owns the Pipeline and runs generate_batch
+    metrics.py    Prometheus metrics on a registry of the worker's own
+    protocol.py   request bodies (pydantic) and their translation into GenerationRequests
+    images.py     output encoding (PNG text chunks) and the cheap latent previews
+    middleware.py pure-ASGI guards: body limit, API key, drain, request metrics
+    routes.py     the OpenAI Images routes and /v1/references
+    app.py        create_app(config): the FastAPI app (also the Ray Serve ingress)
+    cli.py        `kolors-trt serve`: uvicorn, SIGTERM drain, exit codes
+"""
