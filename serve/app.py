@@ -1,0 +1,128 @@
+"""create_app(config): the FastAPI app of one server, built by a factory.
+
+The app holds no process-global state: its Worker, metrics registry and traffic
+counter live on ``app.state`` and are made per call. The single-process server
+(cli.py) runs it under uvicorn with its own SIGTERM drain; a Ray Serve deployment
+can use the same app as its ingress (Ray then owns signals, replicas and restarts)
+and either let the app's lifespan start and stop the Worker, or pass a Worker the
+replica owns (``create_app(config, worker)``; the caller starts and stops it).
+
+Routes:
+    GET  /health/live, /health/ready      no API key; ready is 503 until loaded and warmed up,
+                                          while draining, and after repeated failures
+    GET  /metrics                         Prometheus text
+    GET  /v1/models                       the loaded model and its profile
+    POST /v1/images/generations, /v1/images/edits, /v1/references   (routes.py)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from kolors_trt import __version__
+from kolors_trt.runtime.errors import KolorsTrtError
+
+from . import routes
+from .config import ServeConfig
+from .errors import NotFoundError, ServeInputError, error_body, http_error
+from .metrics import CONTENT_TYPE
+from .middleware import BodyLimit, Gate, Traffic
+from .protocol import validation_error
+from .worker import Worker
+
+logger = logging.getLogger(__name__)
+
+
+def error_response(error: BaseException) -> JSONResponse:
+    status, body, headers = http_error(error)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def model_card(config: ServeConfig, worker: Worker, created: int) -> dict:
+    pipe = worker.pipe
+    folder = pipe.folder
+    profile = {name: {"min": r.min, "opt": r.opt, "max": r.max}
+               for name, r in (("batch", folder.profile.batch), ("height", folder.profile.height),
+                               ("width", folder.profile.width))}
+    return {"id": config.model_id, "object": "model", "created": created, "owned_by": "kolors-trt",
+            "backend": pipe.backend, "folder_kind": folder.kind, "profile": profile,
+            "size_multiple": folder.size_multiple, "defaults": dict(pipe.defaults),
+            "max_images_per_batch": {"cfg": worker.batch_ceiling(True), "no_cfg": worker.batch_ceiling(False)},
+            "startup_seconds": worker.startup_seconds}
+
+
+def create_app(config: ServeConfig, worker: Optional[Worker] = None) -> FastAPI:
+    """The server's app. Without ``worker`` the app's lifespan makes, starts and stops its own."""
+    owned = worker is None
+    worker = worker if worker is not None else Worker(config)
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if owned:
+            worker.start()
+        yield
+        if owned:
+            await run_in_threadpool(worker.stop)
+
+    app = FastAPI(title="kolors-trt", version=__version__, lifespan=lifespan,
+                  description="Kolors + IP-Adapter-Plus behind OpenAI's Images API")
+    app.state.config = config
+    app.state.worker = worker
+    app.state.traffic = Traffic()
+    app.include_router(routes.router)
+
+    @app.get("/health/live")
+    async def live():
+        return {"live": True}
+
+    @app.get("/health/ready")
+    async def ready():
+        status = worker.status()
+        return JSONResponse(status, status_code=200 if status["ready"] else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(worker.metrics.exposition(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models():
+        routes.loaded_pipe(worker)
+        return {"object": "list", "data": [model_card(config, worker, created)]}
+
+    @app.exception_handler(KolorsTrtError)
+    async def typed(request: Request, error: KolorsTrtError):
+        return error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError):
+        return error_response(validation_error(error.errors()))
+
+    @app.exception_handler(HTTPException)
+    async def http(request: Request, error: HTTPException):
+        if error.status_code == 404:
+            return error_response(NotFoundError(f"{request.url.path}: no such route (GET /docs lists them)"))
+        if error.status_code == 400:
+            return error_response(ServeInputError(f"the request body cannot be read: {error.detail}"))
+        body = error_body(str(error.detail), "invalid_request_error", f"http_{error.status_code}")
+        return JSONResponse(body, status_code=error.status_code, headers=getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception):
+        return error_response(error)
+
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(Gate, config=config, worker=worker, metrics=worker.metrics, traffic=app.state.traffic)
+    return app
+
+
+__all__ = ["create_app", "error_response"]
