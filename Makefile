@@ -9,7 +9,7 @@ PYTHON     ?= python3
 VENV       ?= .venv
 # A bare `torch` pulls several GB of CUDA wheels: pin it (GPU hosts override this).
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS     ?= export,test,tensorrt-rtx,bench
+EXTRAS     ?= export,test,tensorrt-rtx,bench,serve
 OUT        ?= out
 WEIGHTS    ?=
 IP_ADAPTER ?=
@@ -36,12 +36,13 @@ else
   NEED_TINY :=
 endif
 
-.PHONY: setup engines onnx test bench clean help fullsize-check
+.PHONY: setup engines onnx test bench serve clean help fullsize-check
 
 help:
 	@echo "make engines   checkpoint (WEIGHTS, IP_ADAPTER; tiny default) -> $(OUT)/onnx -> $(OUT)/engines"
 	@echo "make test      run the test suite (CPU)"
 	@echo "make bench     latency benchmark on $(OUT)/onnx (tiny default, ONNX Runtime) against diffusers"
+	@echo "make serve     serve $(OUT)/onnx (tiny default, exported if missing) on http://127.0.0.1:8000 (SERVE_ARGS)"
 	@echo "make bench-gpu GPU hosts: TensorRT engines at 1024x1024, 50 steps, with/without CUDA graphs, vs diffusers"
 	@echo "make fullsize-check  random weights at the real Kolors sizes -> export, validate, build; measured (FULLSIZE_DIR, ~60 GB)"
 
@@ -70,6 +71,13 @@ test: $(STAMP)
 
 bench: onnx
 	$(KT) bench --onnx $(OUT)/onnx $(BENCH_ARGS) --json $(OUT)/bench.json --plot $(OUT)/bench.png
+
+# OpenAI's Images API on 127.0.0.1:8000; SERVE_ARGS e.g. "--port 8080 --api-key-file key.txt"
+SERVE_ARGS ?=
+
+serve: $(STAMP)
+	@test -f $(OUT)/onnx/manifest.json || $(MAKE) onnx
+	$(KT) serve --onnx $(OUT)/onnx $(SERVE_ARGS)
 
 # Not part of `make test`: writes ~19 GB of random fp16 weights at the real sizes into
 # FULLSIZE_DIR, then exports, validates and builds each component in its own process

@@ -5,6 +5,7 @@
     build     ONNX graphs -> TensorRT / TensorRT-RTX engines
     generate  run the pipeline on an engine or ONNX folder
     bench     latency benchmark, optionally against diffusers
+    serve     HTTP server: OpenAI's Images API, batching, metrics, health
 
 Each subcommand imports its stage only when it runs: `generate` on a production
 host never loads the export stack.
@@ -174,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
         runtime_cli = None
     if runtime_cli is not None:
         runtime_cli.add_subcommands(sub)
+    try:
+        from kolors_trt.serve import cli as serve_cli
+    except ImportError:  # the server is optional: `pip install 'kolors-trt[serve]'`
+        serve_cli = None
+    if serve_cli is not None:
+        serve_cli.add_subcommands(sub)
     return parser
 
 
