@@ -79,6 +79,10 @@ def _bench(args) -> int:
     defaults = {**S.SAMPLING_DEFAULTS, **manifest.get("runtime", {}).get("defaults", {})}
     height, width = args.size or (defaults["height"], defaults["width"])
     steps = args.steps if args.steps is not None else defaults["num_inference_steps"]
+    if args.server:
+        from kolors_trt import loadgen
+
+        return loadgen.run_cli(args, str(folder), height, width, steps, defaults["guidance_scale"])
     config = B.BenchConfig(height, width, steps, args.warmup, args.runs, defaults["guidance_scale"],
                            defaults["ip_adapter_scale"])
     cuda_graph = {"auto": None, "on": True, "off": False}[args.cuda_graph]
@@ -167,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "a time, in the same run")
     p.add_argument("--json", help="write every raw sample, the environment and the configuration here")
     p.add_argument("--plot", help="write a PNG of per-stage time here")
+    p.add_argument("--server", metavar="URL", help="load-test a running kolors-trt serve at URL instead (the folder "
+                   "then runs the same requests locally, one at a time, for the ratio)")
+    p.add_argument("--concurrency", type=int, default=4, help="with --server: client threads (default 4)")
+    p.add_argument("--requests", type=int, default=32, help="with --server: requests in all (default 32)")
     p.set_defaults(run=_bench)
 
     try:
