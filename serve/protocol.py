@@ -113,7 +113,7 @@ def check_limits(params: ImageParams, config, pipe) -> None:
             raise ServeInputError(f"{name}: {len(text)} characters, at most {config.max_prompt_chars} are taken "
                                   "(the text encoder reads 256 tokens)", name)
     guidance = pipe.defaults.get("guidance_scale") if params.guidance_scale is None else params.guidance_scale
-    most = pipe.batch_limits(guidance > 1)[1]
+    most = pipe.batch_limits(guidance > 1)[1] if guidance is not None else params.n  # no default: the runtime says
     if params.n > most:
         raise ServeInputError(f"n: {params.n} images, this model's profile takes 1 to {most} per request", "n")
     if params.partial_images is not None and not params.stream:

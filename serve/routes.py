@@ -92,7 +92,7 @@ async def await_answer(request: Request, worker, job, future: asyncio.Future):
                 raise ClientGone()
             if past_grace(worker, job):
                 future.cancel()
-                raise DeadlineError(f"no answer {GRACE_S:g} s after the deadline (--timeout-s); the request was stopped")
+                raise DeadlineError(f"no answer {GRACE_S:g} s after the deadline (--timeout-s); the request stopped")
         return future.result()
     except asyncio.CancelledError:  # Ray Serve cancels the handler when its client disconnects
         job.stop(DISCONNECTED)
@@ -117,6 +117,8 @@ async def read_form(request: Request, allowed: frozenset) -> tuple[dict, Optiona
         for name, value in form.multi_items():
             if isinstance(value, UploadFile):
                 files.append((name, value))
+            elif name in ("image", "image[]"):  # a text field: never read as a path or URL
+                raise ServeInputError(f"{name}: must be a file upload (multipart), found a text field", "image")
             elif name in fields:
                 raise ServeInputError(f"{name}: given more than once", name)
             else:

@@ -95,7 +95,8 @@ def test_edit_runs_ip_adapter_on_the_uploaded_reference(client, pipe):
                          seed=3, ip_adapter_scale=0.7)
     assert max_diff(decode(r.data[0].b64_json), want.images[0]) <= 1
     assert r.parameters["reference_id"] == pipe.image_key(pipe.pixel_values(ref))
-    plain = pipe.generate("一只可爱的小狗在奔跑", height=96, width=64, num_inference_steps=2, seed=3, ip_adapter_scale=0)
+    plain = pipe.generate("一只可爱的小狗在奔跑", height=96, width=64, num_inference_steps=2, seed=3,
+                          ip_adapter_scale=0)
     assert max_diff(decode(r.data[0].b64_json), plain.images[0]) > 1  # the reference changed the image
 
 
@@ -172,6 +173,8 @@ def chunked_upload(size: int):
 BAD = [  # (what, request, status, error.code, error.param); a callable value is called per request
     ("non-image upload", ("/v1/images/edits", edit(b"plain text, not an image")), 422, "invalid_image", None),
     ("truncated image", ("/v1/images/edits", edit(png(5)[:300])), 422, "invalid_image", None),
+    ("a path as the image", ("/v1/images/edits", {"data": {**GOOD, "image": "/etc/passwd"}}), 400, "invalid_value",
+     "image"),
     ("size not a multiple of 32", ("/v1/images/generations", {"json": {**GOOD, "size": "100x64"}}), 400,
      "invalid_value", "size"),
     ("size outside the profile", ("/v1/images/generations", {"json": {**GOOD, "size": "64x1376"}}), 400,
