@@ -162,6 +162,13 @@ def edit(image: bytes, **fields):
     return {"files": {"image": ("ref.png", image, "image/png")}, "data": {**GOOD, **fields}}
 
 
+def pixel_bomb() -> bytes:
+    """65 KB of PNG that would decode to 67 M pixels (over the runtime's pixel limit)."""
+    buffer = io.BytesIO()
+    Image.new("L", (8200, 8200)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def chunked_upload(size: int):
     """A multipart upload without Content-Length: the limit has to count the bytes as they come."""
     yield b'--b\r\nContent-Disposition: form-data; name="image"; filename="r.png"\r\nContent-Type: image/png\r\n\r\n'
@@ -173,6 +180,8 @@ def chunked_upload(size: int):
 BAD = [  # (what, request, status, error.code, error.param); a callable value is called per request
     ("non-image upload", ("/v1/images/edits", edit(b"plain text, not an image")), 422, "invalid_image", None),
     ("truncated image", ("/v1/images/edits", edit(png(5)[:300])), 422, "invalid_image", None),
+    ("image over the pixel limit", ("/v1/images/edits", {"files": lambda: {"image": ("b.png", pixel_bomb())},
+                                                         "data": GOOD}), 422, "invalid_image", None),
     ("a path as the image", ("/v1/images/edits", {"data": {**GOOD, "image": "/etc/passwd"}}), 400, "invalid_value",
      "image"),
     ("size not a multiple of 32", ("/v1/images/generations", {"json": {**GOOD, "size": "100x64"}}), 400,

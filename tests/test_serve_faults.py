@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from kolors_trt.serve.config import ServeConfig
+from kolors_trt.serve.errors import UnavailableError
 from kolors_trt.serve.worker import GENERATE, Work, Worker
 
 _spec = importlib.util.spec_from_file_location("serve_live", Path(__file__).with_name("serve_live.py"))
@@ -64,7 +65,8 @@ def concurrently(calls: list, timeout: float = 60) -> list:
 
 
 def test_a_full_queue_answers_429_at_once_and_loses_nothing(onnx_fp32):
-    server = live.LiveServer(onnx_fp32, "--max-queue", "1", "--max-batch-size", "1", "--max-wait-ms", "0").start()
+    server = live.LiveServer(onnx_fp32, "--max-queue", "1", "--max-batch-size", "1", "--max-wait-ms", "0",
+                             env={"KOLORS_TRT_API_KEY": "key-from-env"}, key="key-from-env").start()
     try:
         client = server.openai(max_retries=0)
         calls = [lambda i=i: client.images.with_raw_response.generate(
@@ -81,6 +83,7 @@ def test_a_full_queue_answers_429_at_once_and_loses_nothing(onnx_fp32):
         assert live.sample(totals, "kolors_trt_requests_total", endpoint="/v1/images/generations",
                            status="429") == len(limited)
         assert live.total(totals, "kolors_trt_requests_total", status="500") == 0
+        assert httpx.get(f"{server.url}/v1/models").status_code == 401  # the key from the environment holds
     finally:
         assert server.stop() == 0
 
@@ -185,6 +188,14 @@ def test_the_drain_timeout_answers_what_is_left_with_503_and_exits_0(onnx_fp32):
         assert server.wait(30) == 0 and time.monotonic() - started < 10
     finally:
         server.stop()
+
+
+def test_a_worker_takes_no_work_before_it_has_loaded_and_warmed_up(onnx_fp32):
+    worker = Worker(ServeConfig(str(onnx_fp32)))  # not started
+    assert worker.status()["ready"] is False and worker.status()["state"] == "starting"
+    with pytest.raises(UnavailableError):
+        worker.submit(Work(GENERATE, None, done=lambda r, e: None), (64, 64, 1, True), 1)
+    assert worker.in_flight == 0
 
 
 def test_the_worker_reports_failing_and_recovers_by_probing_when_idle(onnx_fp32):
