@@ -176,7 +176,7 @@ def prepare(pipe, request):
     return checked, reference_id
 
 
-async def images(request: Request, params: ImageParams, image: Optional[bytes], kind: str):
+async def answer_images(request: Request, params: ImageParams, image: Optional[bytes], kind: str):
     worker, config = request.app.state.worker, request.app.state.config
     pipe = loaded_pipe(worker)
     check_limits(params, config, pipe)
@@ -277,7 +277,7 @@ FORM_FIELDS = frozenset(ImageParams.model_fields)
 @router.post("/v1/images/generations")
 async def generations(params: ImageParams, request: Request):
     """Text to image (JSON). With reference_id: Kolors + IP-Adapter-Plus on an uploaded reference."""
-    return await images(request, params, None, "image_generation")
+    return await answer_images(request, params, None, "image_generation")
 
 
 @router.post("/v1/images/edits")
@@ -287,7 +287,7 @@ async def edits(request: Request):
     params = parse_form(fields)
     if image is None and params.reference_id is None:
         raise ServeInputError("image: required (the IP-Adapter reference image), or pass reference_id", "image")
-    return await images(request, params, image, "image_edit")
+    return await answer_images(request, params, image, "image_edit")
 
 
 @router.post("/v1/references")
