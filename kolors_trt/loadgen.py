@@ -95,9 +95,10 @@ def histogram_delta(before: dict, after: dict, name: str) -> dict:
     return {"count": int(count), "sum": total, "buckets": buckets}
 
 
-def run_load(config: LoadConfig) -> dict:
+def run_load(config: LoadConfig, progress: bool = True) -> dict:
     """Send the requests; the server's answers and metrics over the run."""
     import httpx
+    from tqdm import tqdm
 
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     limits = httpx.Limits(max_connections=config.concurrency + 2)
@@ -115,6 +116,8 @@ def run_load(config: LoadConfig) -> dict:
         outcomes: list = [None] * config.requests
         order, lock = itertools.count(), threading.Lock()
         stop_at = time.monotonic() + config.max_seconds
+        bar = tqdm(total=config.requests, desc=f"server, concurrency {config.concurrency}", unit="req",
+                   disable=not progress)
 
         def user():
             while time.monotonic() < stop_at:
@@ -129,6 +132,7 @@ def run_load(config: LoadConfig) -> dict:
                     logger.warning("request %d: no answer (%s)", i, err)
                     status = NO_ANSWER
                 outcomes[i] = (status, time.perf_counter() - started)
+                bar.update()
 
         started = time.perf_counter()
         users = [threading.Thread(target=user, name=f"load-{k}") for k in range(config.concurrency)]
@@ -137,6 +141,7 @@ def run_load(config: LoadConfig) -> dict:
         for t in users:
             t.join()
         wall = time.perf_counter() - started
+        bar.close()
         after = scrape(client)
     return summarize(config, outcomes, wall, before, after)
 
@@ -161,15 +166,17 @@ def summarize(config: LoadConfig, outcomes: list, wall: float, before: dict, aft
     }
 
 
-def run_local(folder: str, backend: str, config: LoadConfig) -> dict:
+def run_local(folder: str, backend: str, config: LoadConfig, progress: bool = True) -> dict:
     """The same requests through a local Pipeline, one at a time."""
+    from tqdm import tqdm
+
     from kolors_trt.runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(folder, backend=backend)
     for i in range(config.warmup):
         local(pipe, config.body(config.requests + i), config)
     started = time.perf_counter()
-    for i in range(config.requests):
+    for i in tqdm(range(config.requests), desc="local, one at a time", unit="req", disable=not progress):
         local(pipe, config.body(i), config)
     wall = time.perf_counter() - started
     return {"wall_seconds": wall, "images_per_second": config.requests / wall, "backend": pipe.backend}

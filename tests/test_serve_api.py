@@ -340,7 +340,23 @@ def test_ci_load_run_loses_nothing_and_answers_no_5xx(server):
 
     config = loadgen.LoadConfig(server.url, concurrency=8, requests=64, height=64, width=64, steps=2,
                                 guidance_scale=5.0, warmup=0, timeout_s=60, max_seconds=120, api_key=KEY)
-    result = loadgen.run_load(config)
+    result = loadgen.run_load(config, progress=False)
     assert result["lost"] == 0 and result["statuses"] == {"200": 64}, result
     assert result["batches"]["mean_images"] > 1 and result["images_per_second"] > 0
     assert "| 8 " in loadgen.markdown({"server": result})
+
+
+def test_bench_server_cli_prints_the_table_and_writes_json(server, onnx_fp32, tmp_path, monkeypatch, capsys):
+    from kolors_trt.cli import main
+
+    monkeypatch.setenv("KOLORS_TRT_API_KEY", KEY)
+    out = tmp_path / "load.json"
+    code = main(["bench", "--onnx", str(onnx_fp32), "--server", server.url, "--concurrency", "2", "--requests", "4",
+                 "--size", "64x32", "--steps", "1", "--warmup", "0", "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["server"]["statuses"] == {"200": 4} and result["server"]["lost"] == 0
+    assert (result["server"]["config"]["height"], result["server"]["config"]["width"]) == (64, 32)
+    assert result["server"]["config"]["api_key"] is None  # the key is not written out
+    assert result["local"]["images_per_second"] > 0
+    assert "local 1-at-a-time images/s" in capsys.readouterr().out
