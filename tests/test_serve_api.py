@@ -360,3 +360,28 @@ def test_bench_server_cli_prints_the_table_and_writes_json(server, onnx_fp32, tm
     assert result["server"]["config"]["api_key"] is None  # the key is not written out
     assert result["local"]["images_per_second"] > 0
     assert "local 1-at-a-time images/s" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_references_survive_a_restart_in_the_cache_dir(onnx_fp32, tmp_path, pipe):
+    cache = tmp_path / "ip-cache"
+    ref = png(8, size=(64, 80))
+    first = live.LiveServer(onnx_fp32, "--cache-dir", str(cache)).start()
+    try:
+        with first.client() as http:
+            reference_id = http.post("/v1/references", files={"image": ("r.png", ref, "image/png")}).json()["id"]
+    finally:
+        assert first.stop() == 0
+    assert [p.name for p in cache.iterdir()] == [f"{reference_id}.npy"]  # named by content, not by the client
+    second = live.LiveServer(onnx_fp32, "--cache-dir", str(cache)).start()
+    try:
+        encoder_at_load = live.sample(second.metrics(), RUNS, component="image_encoder")  # the zero image's tokens
+        r = second.openai().images.generate(prompt="a dog", size="64x64", extra_body={
+            "reference_id": reference_id, "seed": 5, "num_inference_steps": 2})
+        after = second.metrics()
+    finally:
+        second.stop()
+    assert live.sample(after, RUNS, component="image_encoder") == encoder_at_load
+    assert live.sample(after, "kolors_trt_cache_hits_total", cache="ip", tier="disk") == 1
+    want = pipe.generate("a dog", ip_adapter_image=ref, height=64, width=64, num_inference_steps=2, seed=5)
+    assert max_diff(decode(r.data[0].b64_json), want.images[0]) <= 1
