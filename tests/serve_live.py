@@ -27,7 +27,8 @@ class LiveServer:
         self.command = [sys.executable, "-m", "kolors_trt", "serve", "--onnx", str(folder), "--host", "127.0.0.1",
                         "--port", "0", *args]
         self.key = key
-        self.env = {**os.environ, **(env or {})}
+        inherited = {k: v for k, v in os.environ.items() if k != "KOLORS_TRT_API_KEY"}  # a key only when asked
+        self.env = {**inherited, **(env or {})}
         self.lines: list = []
         self.url = None
         self.proc: Optional[subprocess.Popen] = None
