@@ -181,6 +181,10 @@ class ArrayCache:
             path.unlink()
         return None
 
+    def contains(self, key: str) -> bool:
+        """Whether ``key`` is in memory or on disk (not counted; a disk file is checked when read)."""
+        return key in self.memory or (self.folder is not None and self._path(key).is_file())
+
     def get(self, key: str) -> Optional[np.ndarray]:
         value = self.memory.get(key, count_miss=False)
         if value is not None:

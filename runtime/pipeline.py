@@ -42,6 +42,7 @@ writes each file under a name unique to its writer, then renames it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
 import threading
@@ -165,13 +166,14 @@ class Pipeline:
 
     def encode_image(self, image: ImageSource) -> np.ndarray:
         """IP tokens [1, 16, C] of a reference image (path, bytes or PIL image); cached by content."""
-        return self._ip_tokens(self.pixel_values(image))
+        return self.encode_pixels(self.pixel_values(image))
 
     def image_key(self, pixel_values: np.ndarray) -> str:
         """The content id of preprocessed pixels (and of this image encoder): the IP-token cache key."""
         return content_key(self._ip_namespace, pixel_values)
 
-    def _ip_tokens(self, pixel_values: np.ndarray) -> np.ndarray:
+    def encode_pixels(self, pixel_values: np.ndarray) -> np.ndarray:
+        """IP tokens [1, 16, C] of preprocessed pixels (``pixel_values``); cached by content."""
         key = self.image_key(pixel_values)
         with self._lock:
             tokens = self.ip_cache.get(key)
@@ -219,12 +221,13 @@ class Pipeline:
 
     __call__.__signature__ = inspect.signature(generate)
 
-    def generate_batch(self, requests: Sequence[GenerationRequest], progress: bool = False,
+    def generate_batch(self, requests: Sequence[GenerationRequest | CheckedRequest], progress: bool = False,
                        on_step: Optional[RequestStepCallback] = None,
                        cancelled: Optional[Callable[[int], bool]] = None) -> list[Generation]:
         """Run several requests; one Generation per request, in order.
 
-        Every request is checked before any engine runs (one bad request raises, nothing runs). Requests that
+        Every request is checked before any engine runs (one bad request raises, nothing runs); a request that
+        ``check`` already returned is not checked (or its image decoded) again. Requests that
         share (height, width, steps, CFG on/off) run as one UNet batch per step, up to the profile's batch;
         other lists are split into such groups, run in the order of their first request.
 
@@ -233,7 +236,8 @@ class Pipeline:
         rows leave the batch (where the profile allows a smaller batch) and it gets a Generation with
         ``cancelled`` True; when every request of a batch is cancelled its loop stops.
         """
-        jobs = [self.check(request, i) for i, request in enumerate(requests)]
+        jobs = [dataclasses.replace(r, index=i) if isinstance(r, CheckedRequest) else self.check(r, i)
+                for i, r in enumerate(requests)]
         results: list = [None] * len(jobs)
         for chunk in self._chunks(jobs):
             with self._lock:
@@ -275,7 +279,7 @@ class Pipeline:
             count = job.n + (pad if k == len(chunk) - 1 else 0)
             embeds, pooled = self.encode_prompt(job.prompt)
             tokens = job.tokens if job.tokens is not None else (
-                self._ip_tokens(job.pixels) if job.pixels is not None else self.zero_ip_tokens)
+                self.encode_pixels(job.pixels) if job.pixels is not None else self.zero_ip_tokens)
             scale = np.full((1,), job.ip_scale, np.float32)
             cond_rows.append([np.repeat(a, count, axis=0) for a in (embeds, pooled, tokens, scale)])
             if do_cfg:

@@ -189,15 +189,14 @@ async def answer_images(request: Request, params: ImageParams, image: Optional[b
             raise NotFoundError(f"reference_id {params.reference_id}: unknown (never uploaded here, or evicted from "
                                 "the cache); upload the image again with POST /v1/references", "reference_id")
     generation = generation_request(params, pipe, image, tokens)
-    checked, reference_id = await run_in_threadpool(prepare, pipe, generation)
-    generation = dataclasses.replace(generation, seed=checked.seed)
+    checked, reference_id = await run_in_threadpool(prepare, pipe, generation)  # the worker runs it unchecked
     parameters = {"prompt": params.prompt, "negative_prompt": params.negative_prompt or "", "seed": checked.seed,
                   "height": checked.height, "width": checked.width, "num_inference_steps": checked.steps,
                   "guidance_scale": checked.guidance, "ip_adapter_scale": checked.ip_scale, "n": checked.n,
                   "reference_id": reference_id or params.reference_id, "model": config.model_id,
                   "backend": pipe.backend}
     reply = Reply(kind, params, parameters, f"{checked.width}x{checked.height}", int(time.time()))
-    work = Work(GENERATE, generation)
+    work = Work(GENERATE, checked)
     if params.stream:
         return stream(request, reply, work, checked)
     try:
@@ -301,10 +300,10 @@ async def references(request: Request):
         raise ServeInputError("image: required (the reference image, multipart)", "image")
     pixels = await run_in_threadpool(pipe.pixel_values, image)
     key = await run_in_threadpool(pipe.image_key, pixels)
-    cached = key in pipe.ip_cache.memory
+    cached = pipe.ip_cache.contains(key)
     if not cached:
         try:
-            await submit_and_wait(request, Work(ENCODE, image), ENCODE_KEY, 1)
+            await submit_and_wait(request, Work(ENCODE, pixels), ENCODE_KEY, 1)
         except ClientGone:
             return Response(status_code=CLIENT_GONE)
     return {"id": key, "object": "reference", "created": int(time.time()), "cached": cached}

@@ -44,7 +44,7 @@ Progress = Callable[[int, int, Callable], None]
 
 @dataclass
 class Work:
-    kind: str  # GENERATE: request is a GenerationRequest | ENCODE: request is the reference image's bytes
+    kind: str  # GENERATE: request is a CheckedRequest (Pipeline.check) | ENCODE: the reference's pixel_values
     request: object
     done: Optional[Done] = None  # set by the front end before submit
     progress: Optional[Progress] = None
@@ -253,7 +253,7 @@ class Worker:
             self.metrics.queue_wait.observe(started - job.arrival)
         try:
             if jobs[0].key == ENCODE_KEY:
-                results = [self.pipe.encode_image(job.payload.request) for job in jobs]
+                results = [self.pipe.encode_pixels(job.payload.request) for job in jobs]
             else:
                 self.metrics.batch_size.observe(sum(job.images for job in jobs))
                 results = self._generate(jobs)

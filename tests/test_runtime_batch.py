@@ -207,3 +207,30 @@ def test_threads_encode_one_new_image_into_one_cache_dir(onnx_fp32, tmp_path):
     fresh = Pipeline.load(onnx_fp32, cache_dir=tmp_path / "ip")
     np.testing.assert_array_equal(fresh.encode_image(picture), results[0])
     assert fresh.stats()["ip_cache"]["disk_hits"] == 1
+
+
+def test_checked_requests_run_without_a_second_check(pipe, tmp_path):
+    """A request from Pipeline.check runs as checked: its image is not read again (the file is gone), its seed
+    stays the one the check drew, and the result equals the unchecked request's."""
+    path = tmp_path / "ref.png"
+    image(12).save(path)
+    request = GenerationRequest("a boat", path, height=64, width=64, num_inference_steps=2, output_type="latent")
+    checked = pipe.check(request, index=7)
+    path.unlink()
+    got = pipe.generate_batch([MIXED[0], checked])[1]
+    assert got.parameters["seed"] == checked.seed
+    image(12).save(path)
+    want = pipe.generate_batch([dataclasses.replace(request, seed=checked.seed)])[0]
+    np.testing.assert_array_equal(got.latents, want.latents)
+
+
+def test_cache_contains_counts_nothing(onnx_fp32, tmp_path):
+    first = Pipeline.load(onnx_fp32, cache_dir=tmp_path / "ip")
+    pixels = first.pixel_values(image(13))
+    key = first.image_key(pixels)
+    assert not first.ip_cache.contains(key)
+    first.encode_pixels(pixels)
+    second = Pipeline.load(onnx_fp32, cache_dir=tmp_path / "ip")
+    before = second.stats()["ip_cache"]
+    assert second.ip_cache.contains(key) and key not in second.ip_cache.memory  # on disk only
+    assert second.stats()["ip_cache"] == before
