@@ -2,6 +2,9 @@
 
     kolors-trt serve --onnx out/onnx                     # 127.0.0.1:8000, ONNX Runtime
     kolors-trt serve --engines out/engines --api-key-file key.txt --host 0.0.0.0
+    kolors-trt serve --ray --replicas 2 --onnx out/onnx  # replicas on a local Ray instance (ray_app.py)
+    kolors-trt serve --ray --autoscale 1:4 --engines /models/engines --address auto
+    kolors-trt serve --ray --engines /models/engines --write-config kolors.yaml   # for `serve deploy`
 
 The process-global parts live here, never in the app: uvicorn, and the SIGTERM
 drain. uvicorn's own SIGTERM handling closes the listening socket at once (new
@@ -11,17 +14,33 @@ stops taking work (/health/ready and new requests answer 503) while every accept
 request runs to its answer; when none is left, or at --drain-timeout-s (the rest
 then get 503), uvicorn shuts down and the process exits 0. A second signal is
 uvicorn's own (SIGINT twice forces).
+
+With --ray the same app runs as Ray Serve replicas (ray_app.py). Without --address the
+command starts a local Ray instance whose whole state (session, sockets, logs, its auth
+token) lives in a fresh temporary folder; with --address it joins that cluster. On the
+first SIGTERM/SIGINT the application stops (each replica answers what it holds, at most
+--drain-timeout-s), then the local instance, its processes and its folder go, and the
+process exits 0; joined clusters keep running without the application. A second signal
+stops at once (exit 130), still removing what the command started.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import tempfile
+import threading
 import time
+from pathlib import Path
 
 from kolors_trt.runtime.folder import BACKENDS
 
-from .config import ServeConfig, read_api_key
+from .config import ConfigError, ServeConfig, read_api_key
 from .errors import MissingDependencyError
 
 logger = logging.getLogger(__name__)
@@ -31,6 +50,12 @@ DEFAULT_PORT = 8000
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 ABORT_GRACE_S = 5.0  # after the drain timeout: time for the 503s to go out before uvicorn stops
 GRACEFUL_S = 10.0  # uvicorn's own bound on open connections once it shuts down
+DEFAULT_REPLICAS = 1
+# Ray keeps AF_UNIX sockets at <temp>/session_<date>_<time>_<us>_<pid>/sockets/plasma_store, up to 84
+# characters past the base with our folder, and such paths end at 107 bytes: the base must be short.
+RAY_TEMP_BASE_CHARS = 23
+RAY_TEMP_PREFIX = "kolors-ray-"
+RAY_EXIT_WAIT_S = 10.0  # after ray.shutdown(): how long the local instance's processes get to exit
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,11 +89,42 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip checking the graphs/plans against the manifest")
 
 
-def config_from_args(args) -> ServeConfig:
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, found {value}")
+    return value
+
+
+def add_scale_arguments(p: argparse.ArgumentParser) -> None:
+    """How many replicas of the server Ray runs (also the Serve config's ``args:``)."""
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=_positive, metavar="N",
+                       help=f"with --ray: replicas, one Pipeline each (default {DEFAULT_REPLICAS})")
+    scale.add_argument("--autoscale", metavar="MIN:MAX",
+                       help="with --ray: let Ray keep between MIN and MAX replicas by their load")
+
+
+def add_ray_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray", action="store_true",
+                   help="serve on Ray Serve: replicas (one per GPU), routing, autoscaling, restarts; "
+                        "pip install 'kolors-trt[ray]'")
+    add_scale_arguments(p)
+    p.add_argument("--address", metavar="ADDR",
+                   help="with --ray: join this Ray cluster (auto, or the head's HOST:6379) and leave it running on "
+                        "exit (default: start a local Ray instance and stop it on exit)")
+    p.add_argument("--write-config", metavar="FILE",
+                   help="with --ray: write a Ray Serve config for `serve deploy FILE` with these flags, and exit")
+
+
+def config_from_args(args, read_key: bool = True) -> ServeConfig:
+    """The server's settings from parsed flags. ``read_key=False`` leaves the API key out (a Ray replica reads
+    --api-key-file or $KOLORS_TRT_API_KEY itself, so the key never travels inside a deployment)."""
     return ServeConfig(
         folder=args.engines or args.onnx, backend=args.backend, max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout_s,
-        drain_timeout_s=args.drain_timeout_s, cache_dir=args.cache_dir, api_key=read_api_key(args.api_key_file),
+        drain_timeout_s=args.drain_timeout_s, cache_dir=args.cache_dir,
+        api_key=read_api_key(args.api_key_file) if read_key else None,
         max_body_bytes=int(args.max_body_mb * 2**20), max_prompt_chars=args.max_prompt_chars,
         model_id=args.model_name, verify=not args.no_verify,
     )
@@ -124,6 +180,12 @@ def draining_server(uvicorn_config, worker, traffic, drain_timeout_s: float):
 
 
 def run_serve(args) -> int:
+    if args.ray:
+        return run_serve_ray(args)
+    given = [flag for flag, value in (("--replicas", args.replicas), ("--autoscale", args.autoscale),
+                                      ("--address", args.address), ("--write-config", args.write_config)) if value]
+    if given:
+        raise ConfigError(f"serve: {', '.join(given)}: only with --ray")
     try:
         import uvicorn
 
@@ -148,11 +210,171 @@ def run_serve(args) -> int:
     return 0
 
 
+# ---- --ray: the process-global parts (Ray's local instance, its folder, signals) ----------------------
+
+
+def ray_temp_dir() -> Path:
+    """A fresh folder for a local Ray instance under a base short enough for Ray's socket paths."""
+    for base in (tempfile.gettempdir(), "/tmp"):
+        if len(base) <= RAY_TEMP_BASE_CHARS and os.path.isdir(base) and os.access(base, os.W_OK):
+            return Path(tempfile.mkdtemp(prefix=RAY_TEMP_PREFIX, dir=base))
+    raise ConfigError(f"serve --ray: the temporary folder {tempfile.gettempdir()} is longer than "
+                      f"{RAY_TEMP_BASE_CHARS} characters (Ray's socket paths end at 107 bytes) and /tmp cannot be "
+                      "used; set TMPDIR to a short folder")
+
+
+def ray_environment(folder: Path) -> dict:
+    """Environment of a local Ray instance whose state stays in ``folder``: its auth token file there (Ray
+    would write ~/.ray/auth_token), no usage reports. Every process of the instance inherits it."""
+    token = folder / "auth_token"
+    fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    return {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+
+
+def processes_of(folder: Path) -> list:
+    """Pids of the local Ray instance in ``folder`` (this process aside): processes whose command line or
+    environment names the folder (its token path is inherited by every process Ray starts) or that hold a file
+    in it open (Ray's agents retitle themselves, which wipes both; they keep their logs open). Linux only:
+    elsewhere none are found and Ray's own shutdown is all there is."""
+    found, needle = [], str(folder).encode()
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if int(entry.name) == os.getpid():
+                continue
+            if needle in (entry / "cmdline").read_bytes() or needle in (entry / "environ").read_bytes() or any(
+                    os.readlink(fd).startswith(str(folder)) for fd in (entry / "fd").iterdir()):
+                found.append(int(entry.name))
+        except (OSError, ValueError):  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def end_processes(folder: Path, wait_s: float) -> list:
+    """Wait up to ``wait_s`` for the local instance's processes to exit, then SIGKILL those left; their pids."""
+    end = time.monotonic() + wait_s
+    while processes_of(folder) and time.monotonic() < end:
+        time.sleep(0.1)
+    left = processes_of(folder)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return left
+
+
+def free_port(host: str) -> int:
+    """A port free on ``host`` now (Ray's proxy is given a number; it cannot report one it picked)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class Stop:
+    """SIGTERM/SIGINT while --ray serves: the first asks for a clean stop; during start-up, or a second
+    one, raises KeyboardInterrupt (the caller's finally still removes what was started)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested = threading.Event()
+        self.serving = False
+        self.previous = {}
+
+    def install(self) -> None:
+        for sig in self.SIGNALS:  # after ray.init(): it replaces the SIGTERM handler with its own
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        again = self.requested.is_set()
+        self.requested.set()
+        if again or not self.serving:
+            raise KeyboardInterrupt()
+
+
+def run_serve_ray(args) -> int:
+    started = time.perf_counter()
+    local = args.address is None and not args.write_config
+    folder = ray_temp_dir() if local else None
+    saved_env = dict(os.environ)
+    try:
+        if folder is not None:
+            os.environ.update(ray_environment(folder))
+        else:
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        try:
+            from . import ray_app
+        except ImportError as err:
+            raise MissingDependencyError(f"serve --ray: {err.name} is not installed; pip install "
+                                         "'kolors-trt[ray]'") from None
+        settings = ray_app.settings_from_args(args)
+        application = ray_app.app_builder(settings)  # every setting checked before Ray starts
+        if args.write_config:
+            ray_app.write_serve_config(args.write_config, settings, args.host, args.port)
+            print(f"wrote {args.write_config}: deploy it with `serve deploy {args.write_config}` on the Ray cluster",
+                  flush=True)
+            return 0
+        if local:
+            from kolors_trt.runtime.folder import read_folder
+
+            read_folder(settings.get("engines") or settings["onnx"], verify=False)  # a wrong folder: exit 1 now
+            read_api_key(args.api_key_file)
+        if args.host not in LOOPBACK:
+            logger.warning("binding %s: reachable from other machines%s", args.host,
+                           "" if read_api_key(args.api_key_file) else " without an API key (--api-key-file)")
+        return _serve_on_ray(args, ray_app, application, folder, started)
+    finally:
+        if folder is not None:
+            left = end_processes(folder, RAY_EXIT_WAIT_S)
+            if left:
+                logger.warning("ended %d process(es) of the local Ray instance that outlived it: %s", len(left), left)
+            shutil.rmtree(folder, ignore_errors=True)
+        os.environ.clear()
+        os.environ.update(saved_env)
+
+
+def _serve_on_ray(args, ray_app, application, folder, started: float) -> int:
+    stop = Stop()
+    port = args.port or free_port(args.host)
+    where = f"a local Ray instance in {folder}" if folder is not None else f"the Ray cluster at {args.address}"
+    print(f"serving {args.engines or args.onnx} on {where}; starting replicas (GET /health/ready answers once they "
+          "are loaded and warmed up)", flush=True)
+    try:
+        ray_app.start_ray(args.address, str(folder) if folder is not None else None, verbose=bool(args.verbose))
+        stop.install()
+        ray_app.run_application(application, args.host, port, verbose=bool(args.verbose))
+        stop.serving = True
+        print(f"listening on http://{args.host}:{port}", flush=True)
+        scale = f"{args.autoscale} replicas, autoscaled" if args.autoscale else \
+            f"{args.replicas or DEFAULT_REPLICAS} replica(s)"
+        print(f"ready: model loaded and warmed up in {time.perf_counter() - started:.2f} s ({scale} on Ray, "
+              "Ray's start included)", flush=True)
+        while not stop.requested.wait(1.0):
+            pass
+        print("draining: the replicas answer what they hold (at most --drain-timeout-s), then stop", flush=True)
+        ray_app.stop_application(folder is not None, args.drain_timeout_s, verbose=bool(args.verbose))
+    finally:
+        ray_app.stop_ray()
+        stop.restore()
+    print("stopped", flush=True)
+    return 0
+
+
 def add_subcommands(subparsers) -> None:
     """Register `serve` on the kolors-trt CLI."""
-    p = subparsers.add_parser("serve", help="serve OpenAI's Images API over HTTP (batching, metrics, health)")
+    p = subparsers.add_parser("serve", help="serve OpenAI's Images API over HTTP (batching, metrics, health); "
+                                            "--ray: replicas on Ray Serve")
     add_serve_arguments(p)
+    add_ray_arguments(p)
     p.set_defaults(run=run_serve)
 
 
-__all__ = ["add_serve_arguments", "add_subcommands", "config_from_args", "run_serve"]
+__all__ = ["DEFAULT_REPLICAS", "add_ray_arguments", "add_scale_arguments", "add_serve_arguments", "add_subcommands",
+           "config_from_args", "run_serve", "run_serve_ray"]
