@@ -94,6 +94,24 @@ class LiveServer:
                 for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+def concurrently(calls: list, timeout: float = 60) -> list:
+    """Run the calls on threads at once; each one's result, or the exception it raised."""
+    results = [None] * len(calls)
+
+    def run(i):
+        try:
+            results[i] = calls[i]()
+        except Exception as err:  # noqa: BLE001 - the test inspects what each call ended with
+            results[i] = err
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return results
+
+
 def sample(metrics: dict, name: str, **labels) -> float:
     """One sample's value (0 when absent)."""
     return metrics.get((name, tuple(sorted(labels.items()))), 0.0)

@@ -47,21 +47,7 @@ def until(predicate, timeout: float, every: float = 0.05):
         time.sleep(every)
 
 
-def concurrently(calls: list, timeout: float = 60) -> list:
-    results = [None] * len(calls)
-
-    def run(i):
-        try:
-            results[i] = calls[i]()
-        except Exception as err:  # noqa: BLE001 - the test inspects what each call ended with
-            results[i] = err
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-    return results
+concurrently = live.concurrently
 
 
 def test_a_full_queue_answers_429_at_once_and_loses_nothing(onnx_fp32):
