@@ -9,7 +9,7 @@ PYTHON     ?= python3
 VENV       ?= .venv
 # A bare `torch` pulls several GB of CUDA wheels: pin it (GPU hosts override this).
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS     ?= export,test,tensorrt-rtx,bench,serve
+EXTRAS     ?= export,test,tensorrt-rtx,bench,serve,ray
 OUT        ?= out
 WEIGHTS    ?=
 IP_ADAPTER ?=
@@ -18,7 +18,8 @@ TARGET     ?=
 BUILD_ARGS ?=
 # export skips an unchanged checkpoint ("up to date"); EXPORT_ARGS=--force re-exports
 EXPORT_ARGS ?=
-PYTEST_ARGS ?= -n 2
+# loadgroup: tests marked xdist_group("...") run on one worker, in order (the Ray tests share one instance)
+PYTEST_ARGS ?= -n 2 --dist loadgroup
 # The tiny default benchmarks at a small size; real checkpoints: BENCH_ARGS="--size 1024x1024 --steps 50"
 BENCH_ARGS ?= --size 256x256 --steps 10 --warmup 1 --runs 5 --baseline diffusers
 
@@ -36,13 +37,14 @@ else
   NEED_TINY :=
 endif
 
-.PHONY: setup engines onnx test bench serve clean help fullsize-check
+.PHONY: setup engines onnx test bench serve serve-ray clean help fullsize-check
 
 help:
 	@echo "make engines   checkpoint (WEIGHTS, IP_ADAPTER; tiny default) -> $(OUT)/onnx -> $(OUT)/engines"
 	@echo "make test      run the test suite (CPU)"
 	@echo "make bench     latency benchmark on $(OUT)/onnx (tiny default, ONNX Runtime) against diffusers"
 	@echo "make serve     serve $(OUT)/onnx (tiny default, exported if missing) on http://127.0.0.1:8000 (SERVE_ARGS)"
+	@echo "make serve-ray the same as $(REPLICAS) Ray Serve replicas on a local Ray instance (REPLICAS, SERVE_ARGS)"
 	@echo "make bench-gpu GPU hosts: TensorRT engines at 1024x1024, 50 steps, with/without CUDA graphs, vs diffusers"
 	@echo "make fullsize-check  random weights at the real Kolors sizes -> export, validate, build; measured (FULLSIZE_DIR, ~60 GB)"
 
@@ -78,6 +80,13 @@ SERVE_ARGS ?=
 serve: $(STAMP)
 	@test -f $(OUT)/onnx/manifest.json || $(MAKE) onnx
 	$(KT) serve --onnx $(OUT)/onnx $(SERVE_ARGS)
+
+# Ray Serve replicas of the same server; Ray's state lives in a temporary folder removed on exit
+REPLICAS ?= 2
+
+serve-ray: $(STAMP)
+	@test -f $(OUT)/onnx/manifest.json || $(MAKE) onnx
+	$(KT) serve --ray --replicas $(REPLICAS) --onnx $(OUT)/onnx $(SERVE_ARGS)
 
 # Not part of `make test`: writes ~19 GB of random fp16 weights at the real sizes into
 # FULLSIZE_DIR, then exports, validates and builds each component in its own process
