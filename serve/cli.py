@@ -33,6 +33,7 @@ import secrets
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -56,6 +57,7 @@ DEFAULT_REPLICAS = 1
 RAY_TEMP_BASE_CHARS = 23
 RAY_TEMP_PREFIX = "kolors-ray-"
 RAY_EXIT_WAIT_S = 10.0  # after ray.shutdown(): how long the local instance's processes get to exit
+RAY_CORE = ("gcs_server", "raylet")
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -265,6 +267,40 @@ def end_processes(folder: Path, wait_s: float) -> list:
     return left
 
 
+def core_processes(folder: Path) -> list:
+    """Pids of the local instance's gcs_server and raylet: without them nothing of it can be stopped cleanly."""
+    core = []
+    for pid in processes_of(folder):
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() in RAY_CORE:
+                core.append(pid)
+        except OSError:
+            continue
+    return core
+
+
+def running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def watch_core(folder: Path, core: list, done: threading.Event) -> None:
+    """While the local instance is in use: if its gcs_server or raylet ends (SIGTERM to the whole process group,
+    as systemd's default KillMode or `timeout` send; the OOM killer), no Ray call can succeed any more (the next
+    one blocks for 60 s, then Ray aborts the process). End its other processes, remove its folder and exit 1."""
+    while not done.wait(0.5):
+        if not all(running(pid) for pid in core):
+            print("kolors-trt serve: error: the local Ray instance's gcs_server or raylet ended; ending its other "
+                  "processes (to stop the server, signal this process only: e.g. systemd KillMode=mixed)",
+                  file=sys.stderr, flush=True)
+            end_processes(folder, 0.0)
+            shutil.rmtree(folder, ignore_errors=True)
+            os._exit(1)  # the main thread may be blocked inside Ray for a minute: nothing left to wait for
+
+
 def free_port(host: str) -> int:
     """A port free on ``host`` now (Ray's proxy is given a number; it cannot report one it picked)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -346,8 +382,12 @@ def _serve_on_ray(args, ray_app, application, folder, started: float) -> int:
     where = f"a local Ray instance in {folder}" if folder is not None else f"the Ray cluster at {args.address}"
     print(f"serving {args.engines or args.onnx} on {where}; starting replicas (GET /health/ready answers once they "
           "are loaded and warmed up)", flush=True)
+    watch = threading.Event()
     try:
         ray_app.start_ray(args.address, str(folder) if folder is not None else None, verbose=bool(args.verbose))
+        if folder is not None:
+            threading.Thread(target=watch_core, args=(folder, core_processes(folder), watch), daemon=True,
+                             name="ray-core-watch").start()
         stop.install()
         ray_app.run_application(application, args.host, port, verbose=bool(args.verbose))
         stop.serving = True
@@ -361,6 +401,7 @@ def _serve_on_ray(args, ray_app, application, folder, started: float) -> int:
         print("draining: the replicas answer what they hold (at most --drain-timeout-s), then stop", flush=True)
         ray_app.stop_application(folder is not None, args.drain_timeout_s, verbose=bool(args.verbose))
     finally:
+        watch.set()  # ray.shutdown() ends gcs_server and raylet on purpose
         ray_app.stop_ray()
         stop.restore()
     print("stopped", flush=True)
