@@ -42,6 +42,7 @@ live = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(live)
 
 HEADER = re.compile(r"^(KolorsServer#\w+)/(\d+)$")
+KEY = "sk-ray-test-0123"
 
 
 # ---- the pure parts -----------------------------------------------------------------------------------
@@ -245,8 +246,11 @@ def base():
 @pytest.fixture(scope="module")
 def ray_server(onnx_fp32, base):
     home_ray = Path.home() / ".ray"
+    key_file = base / "key"  # each replica reads it itself: the key never travels inside the deployment
+    key_file.write_text(KEY + "\n")
     server = live.LiveServer(onnx_fp32, "--ray", "--replicas", "2", "--max-wait-ms", "50", "--timeout-s", "60",
-                             "--drain-timeout-s", "20", env={"TMPDIR": str(base)})
+                             "--drain-timeout-s", "20", "--api-key-file", str(key_file), key=KEY,
+                             env={"TMPDIR": str(base)})
     server.home_ray_existed = home_ray.exists()
     started = time.monotonic()
     server.start(timeout=120)
@@ -274,6 +278,10 @@ def test_two_replicas_share_a_burst_with_the_local_pipelines_images(ray_server, 
     if len(names) < 2:  # Ray routed the whole burst to one replica (possible, unlikely): ask both directly
         names |= {HEADER.match(v).group(1) for v in replicas_seen(ray_server)}
     assert len(names) == 2, names
+    with httpx.Client(base_url=ray_server.url, timeout=10) as http:  # no key: the replica's own 401
+        refused = http.post("/v1/images/generations", json={"prompt": "x"})
+    assert refused.status_code == 401 and refused.json()["error"]["code"]
+    assert HEADER.match(refused.headers["x-kolors-replica"])
     for i, answer in enumerate(answers):
         want = pipe.generate(f"a red fox #{i}", height=64, width=96, num_inference_steps=3, seed=i,
                              ip_adapter_scale=0)
@@ -291,7 +299,7 @@ def test_sigkill_of_a_replica_during_a_burst_ends_every_request_and_ray_replaces
     body = {"prompt": "a long one", "size": "64x64", "num_inference_steps": 300}  # a few seconds in a batch of 4
 
     def post(i):
-        with httpx.Client(base_url=ray_server.url, timeout=deadline) as http:
+        with ray_server.client(timeout=deadline) as http:
             started = time.monotonic()
             r = http.post("/v1/images/generations", json={**body, "seed": i})
             return r.status_code, r.headers.get("x-kolors-replica"), time.monotonic() - started
@@ -337,7 +345,7 @@ def test_sigterm_answers_the_running_request_exits_0_and_leaves_nothing(ray_serv
     running = {}
 
     def long_request():
-        with httpx.Client(base_url=ray_server.url, timeout=30) as http:
+        with ray_server.client(timeout=30) as http:
             r = http.post("/v1/images/generations", json={"prompt": "p", "size": "64x64", "seed": 1,
                                                           "num_inference_steps": 200})
             running["status"] = r.status_code
