@@ -20,8 +20,9 @@ command starts a local Ray instance whose whole state (session, sockets, logs, i
 token) lives in a fresh temporary folder; with --address it joins that cluster. On the
 first SIGTERM/SIGINT the application stops (each replica answers what it holds, at most
 --drain-timeout-s), then the local instance, its processes and its folder go, and the
-process exits 0; joined clusters keep running without the application. A second signal
-stops at once (exit 130), still removing what the command started.
+process exits 0; joined clusters keep running without the application. A signal during
+start-up, or a second one, stops at once (exit 130), still removing what the command
+started.
 """
 
 from __future__ import annotations
@@ -384,7 +385,14 @@ def _serve_on_ray(args, ray_app, application, folder, started: float) -> int:
           "are loaded and warmed up)", flush=True)
     watch = threading.Event()
     try:
-        ray_app.start_ray(args.address, str(folder) if folder is not None else None, verbose=bool(args.verbose))
+        try:
+            ray_app.start_ray(args.address, str(folder) if folder is not None else None, verbose=bool(args.verbose))
+        except SystemExit as exc:
+            if exc.code != signal.SIGTERM:
+                raise
+            from kolors_trt.cli import Terminated  # ray.init() turns SIGTERM into sys.exit(15): stop like any command
+
+            raise Terminated() from None
         if folder is not None:
             threading.Thread(target=watch_core, args=(folder, core_processes(folder), watch), daemon=True,
                              name="ray-core-watch").start()
