@@ -17,7 +17,8 @@ uvicorn's own (SIGINT twice forces).
 
 With --ray the same app runs as Ray Serve replicas (ray_app.py). Without --address the
 command starts a local Ray instance whose whole state (session, sockets, logs, its auth
-token) lives in a fresh temporary folder; with --address it joins that cluster. On the
+token, and the replicas' shared IP-token cache unless --cache-dir is given) lives in a
+fresh temporary folder; with --address it joins that cluster. On the
 first SIGTERM/SIGINT the application stops (each replica answers what it holds, at most
 --drain-timeout-s), then the local instance, its processes and its folder go, and the
 process exits 0; joined clusters keep running without the application. A signal during
@@ -352,6 +353,10 @@ def run_serve_ray(args) -> int:
             raise MissingDependencyError(f"serve --ray: {err.name} is not installed; pip install "
                                          "'kolors-trt[ray]'") from None
         settings = ray_app.settings_from_args(args)
+        if folder is not None and "cache_dir" not in settings:
+            # replicas share reference images' IP tokens through it: a reference_id uploaded to one replica works
+            # on all (each replica's memory cache is its own)
+            settings["cache_dir"] = str(folder / "ip-cache")
         application = ray_app.app_builder(settings)  # every setting checked before Ray starts
         if args.write_config:
             ray_app.write_serve_config(args.write_config, settings, args.host, args.port)

@@ -290,6 +290,32 @@ def test_two_replicas_share_a_burst_with_the_local_pipelines_images(ray_server, 
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("serve-ray")
+def test_a_reference_uploaded_to_one_replica_serves_on_both_through_the_shared_cache(ray_server, pipe):
+    """Without --cache-dir the local instance gives its replicas one in its folder: each replica's memory cache
+    is its own, the folder is where the other finds the tokens."""
+    reference = io.BytesIO()
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (40, 70, 3), dtype=np.uint8)).save(reference, "PNG")
+    with ray_server.client(timeout=60) as http:
+        up = http.post("/v1/references", files={"image": ("r.png", reference.getvalue(), "image/png")})
+        assert up.status_code == 200, up.text
+        body = {"prompt": "a dog", "size": "64x64", "reference_id": up.json()["id"], "num_inference_steps": 2,
+                "ip_adapter_scale": 0.6}
+        answers, names = [], set()
+        for seed in range(12):  # bounded: until both replicas answered (each 50% per request when idle)
+            r = http.post("/v1/images/generations", json={**body, "seed": seed})
+            answers.append(r)
+            names.add(HEADER.match(r.headers["x-kolors-replica"]).group(1))
+            if len(names) == 2 and len(answers) >= 2:
+                break
+    assert [r.status_code for r in answers] == [200] * len(answers), [r.text for r in answers]
+    assert HEADER.match(up.headers["x-kolors-replica"]).group(1) in names and len(names) == 2
+    want = pipe.generate("a dog", ip_adapter_image=reference.getvalue(), height=64, width=64, num_inference_steps=2,
+                         seed=0, ip_adapter_scale=0.6)
+    assert max_diff(png_of(answers[0].json()["data"][0]["b64_json"]), want.images[0]) <= 1
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("serve-ray")
 def test_sigkill_of_a_replica_during_a_burst_ends_every_request_and_ray_replaces_it(ray_server):
     before = replicas_seen(ray_server)
     assert len(before) == 2, before
