@@ -10,5 +10,7 @@
     middleware.py pure-ASGI guards: body limit, API key, drain, request metrics
     routes.py     the OpenAI Images routes and /v1/references
     app.py        create_app(config): the FastAPI app (also the Ray Serve ingress)
-    cli.py        `kolors-trt serve`: uvicorn, SIGTERM drain, exit codes
+    cli.py        `kolors-trt serve`: uvicorn, SIGTERM drain, exit codes; --ray
+    ray_app.py    the Ray Serve deployment: replicas of the app, one Worker each (the only ray import)
+    ray_local.py  the local Ray instance of `serve --ray`: its temporary folder and its processes
 """

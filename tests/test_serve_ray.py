@@ -4,12 +4,11 @@ Fast tests of the pure parts (flags -> deployment options, the Serve config file
 application's settings, the replica header, the health check). Then one live `kolors-trt serve --ray
 --replicas 2` process for the module (tiny fp32 export, ONNX Runtime, 127.0.0.1; one Ray instance, its
 state in a fresh short TMPDIR): two replicas answer a burst of openai requests with the local Pipeline's
-images; SIGKILL of a replica during a burst ends every request and Ray brings a new replica; SIGTERM exits
-0 leaving no process and no folder. The live tests share the instance in this order (one xdist group).
-Every wait is bounded; whatever the command started is ended by the fixture (only processes that name or
-hold its temporary folder).
+images; a reference uploaded to one replica serves on both; SIGKILL of a replica during a burst ends
+every request and Ray brings a new replica; SIGTERM exits 0 leaving no process and no folder. The live
+tests share the instance in this order (one xdist group). Every wait is bounded; whatever the command
+started is ended by the fixture (only processes that name or hold its temporary folder).
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -34,7 +33,7 @@ pytest.importorskip("ray", reason="kolors-trt[ray] is not installed")
 
 from kolors_trt.cli import build_parser, main  # noqa: E402
 from kolors_trt.serve import ray_app  # noqa: E402
-from kolors_trt.serve.cli import processes_of  # noqa: E402
+from kolors_trt.serve.ray_local import processes_of  # noqa: E402
 from kolors_trt.serve.config import ConfigError, ServeConfig  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("serve_live", Path(__file__).with_name("serve_live.py"))
