@@ -35,6 +35,11 @@ How the server's limits become Ray's (``deployment_options``):
   less. ``upscale_delay_s``/``downscale_delay_s`` in ``AUTOSCALE_DELAYS``: react within
   seconds to a backlog of 1-3 s requests, but keep a replica (minutes of engine load on a
   GPU host) through short lulls.
+- ``--cache-dir``: each replica caches reference images' IP tokens in memory; they reach other
+  replicas only through this folder, so a ``reference_id`` uploaded to one replica works on another
+  only when the folder is shared (a local instance gets one in its temporary folder; on a cluster,
+  a shared filesystem path, else a replica that never saw the image answers 404 and the client
+  uploads it again).
 """
 
 from __future__ import annotations
