@@ -18,8 +18,7 @@ TARGET     ?=
 BUILD_ARGS ?=
 # export skips an unchanged checkpoint ("up to date"); EXPORT_ARGS=--force re-exports
 EXPORT_ARGS ?=
-# loadgroup: tests marked xdist_group("...") run on one worker, in order (the Ray tests share one instance)
-PYTEST_ARGS ?= -n 2 --dist loadgroup
+PYTEST_ARGS ?= -n 2
 # The tiny default benchmarks at a small size; real checkpoints: BENCH_ARGS="--size 1024x1024 --steps 50"
 BENCH_ARGS ?= --size 256x256 --steps 10 --warmup 1 --runs 5 --baseline diffusers
 
