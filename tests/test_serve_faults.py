@@ -137,7 +137,7 @@ def test_a_queued_request_whose_client_left_never_runs(deadline_server):
 def test_sigterm_during_a_burst_answers_every_accepted_request_and_exits_0(onnx_fp32):
     server = live.LiveServer(onnx_fp32, "--max-batch-size", "1", "--max-wait-ms", "0").start()
     try:
-        bodies = [{"prompt": f"burst {i}", "size": "64x64", "num_inference_steps": 12, "seed": i} for i in range(5)]
+        bodies = [{"prompt": f"burst {i}", "size": "64x64", "num_inference_steps": 40, "seed": i} for i in range(5)]
         calls = [lambda b=b: httpx.post(f"{server.url}/v1/images/generations", json=b, timeout=60) for b in bodies]
         answers: list = []
         burst = threading.Thread(target=lambda: answers.extend(concurrently(calls)))
