@@ -7,7 +7,7 @@ Ray adds replicas, routing, autoscaling, backpressure and restarts; the server s
 implementation. Each replica owns a ``Worker`` (its thread, its Pipeline, its batcher) and
 builds ``create_app(config, worker)`` inside the replica: ``@serve.ingress()`` without an app
 calls ``__serve_build_asgi_app__`` after the constructor (Ray 2.56+), so nothing that holds a
-lock or a thread is ever pickled. Ray's ``import`` of this module is the only one in the package.
+lock or a thread is ever pickled. No other module of the package imports ray.
 
 How the server's limits become Ray's (``deployment_options``):
 
