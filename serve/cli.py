@@ -36,7 +36,8 @@ import signal
 import threading
 import time
 
-from kolors_trt.runtime.folder import BACKENDS
+from kolors_trt.runtime.cli import add_limit_arguments
+from kolors_trt.runtime.folder import BACKENDS, Limits
 
 from .config import ConfigError, ServeConfig, read_api_key
 from .errors import MissingDependencyError
@@ -82,6 +83,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"longest prompt taken (default {d.max_prompt_chars})")
     p.add_argument("--model-name", default=d.model_id, help=f"the model id clients see (default {d.model_id!r})")
     p.add_argument("--no-verify", action="store_true", help="skip checking the graphs/plans against the manifest")
+    add_limit_arguments(p)
 
 
 def _positive(text: str) -> int:
@@ -121,7 +123,7 @@ def config_from_args(args, read_key: bool = True) -> ServeConfig:
         drain_timeout_s=args.drain_timeout_s, cache_dir=args.cache_dir,
         api_key=read_api_key(args.api_key_file) if read_key else None,
         max_body_bytes=int(args.max_body_mb * 2**20), max_prompt_chars=args.max_prompt_chars,
-        model_id=args.model_name, verify=not args.no_verify,
+        model_id=args.model_name, verify=not args.no_verify, limits=Limits(args.max_size, args.max_batch),
     )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from kolors_trt.runtime.errors import InputError
+from kolors_trt.runtime.folder import Limits
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class ServeConfig:
     max_prompt_chars: int = 4000  # the text encoder reads 256 tokens; this bounds the work to tokenize
     model_id: str = "kolors"  # the name /v1/models lists and requests may pass as `model`
     verify: bool = True  # hash graphs/plans against the manifest (only files changed since the last check)
+    limits: Limits = Limits()  # export folders: the largest side and batch accepted (engine folders: their profile)
     failure_threshold: int = 3  # consecutive failed batches before /health/ready says 503
     probe_interval_s: float = 5.0  # while failing: how often the idle worker re-runs the warm-up request
 

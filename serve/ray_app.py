@@ -254,6 +254,8 @@ class KolorsServer:
         worker = self.worker
         if worker.load_error is not None or worker.state in ("failed", "stopped"):
             raise RayServeError(f"replica {self.name}: the worker is {worker.state} ({worker.load_error})")
+        if not worker.alive:
+            raise RayServeError(f"replica {self.name}: the worker thread has ended ({worker.state})")
         if worker.state == "failing":
             raise RayServeError(f"replica {self.name}: {worker.status()['consecutive_failures']} batches failed in a "
                                 "row and the probe has not recovered")

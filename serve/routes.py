@@ -186,8 +186,9 @@ async def answer_images(request: Request, params: ImageParams, image: Optional[b
             raise ServeInputError("reference_id: send an image or a reference_id, not both", "reference_id")
         tokens = await run_in_threadpool(pipe.ip_cache.get, params.reference_id)
         if tokens is None:
-            raise NotFoundError(f"reference_id {params.reference_id}: unknown (never uploaded here, or evicted from "
-                                "the cache); upload the image again with POST /v1/references", "reference_id")
+            raise NotFoundError(f"reference_id {params.reference_id}: unknown here (never uploaded, evicted from "
+                                "the cache, or uploaded to a replica that shares no --cache-dir with this one); "
+                                "upload the image again with POST /v1/references", "reference_id")
     generation = generation_request(params, pipe, image, tokens)
     checked, reference_id = await run_in_threadpool(prepare, pipe, generation)  # the worker runs it unchecked
     parameters = {"prompt": params.prompt, "negative_prompt": params.negative_prompt or "", "seed": checked.seed,

@@ -92,6 +92,11 @@ class Worker:
         return self.state == "ready" and not self.draining
 
     @property
+    def alive(self) -> bool:
+        """The worker thread runs (false before start() and after it ended, e.g. on an unexpected error)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def queue_depth(self) -> int:
         return len(self._scheduler)
 
@@ -204,7 +209,7 @@ class Worker:
         started = time.perf_counter()
         self.state = "loading"
         self.pipe = Pipeline.load(self.config.folder, backend=self.config.backend, cache_dir=self.config.cache_dir,
-                                  verify=self.config.verify)
+                                  verify=self.config.verify, limits=self.config.limits)
         if self.config.max_batch_size is not None:
             most = max(self.pipe.batch_limits(True)[1], self.pipe.batch_limits(False)[1])
             if self.config.max_batch_size > most:

@@ -48,7 +48,7 @@ def server(onnx_fp32, tmp_path_factory):
     key_file = tmp_path_factory.mktemp("serve-api") / "key"
     key_file.write_text(KEY + "\n")
     srv = live.LiveServer(onnx_fp32, "--api-key-file", str(key_file), "--max-wait-ms", "150", "--timeout-s", "60",
-                          key=KEY)
+                          "--max-size", "320", key=KEY)  # an export folder's size limit, lowered
     srv.start()
     yield srv
     srv.stop()
@@ -151,7 +151,7 @@ def test_models_lists_the_model_and_its_profile(client):
     models = client.models.list().data
     assert [m.id for m in models] == ["kolors"]
     card = models[0].model_extra
-    assert card["profile"]["height"] == {"min": 32, "opt": 32, "max": 1344} and card["size_multiple"] == 32
+    assert card["profile"]["height"] == {"min": 32, "opt": 32, "max": 320} and card["size_multiple"] == 32
     assert card["max_images_per_batch"] == {"cfg": 4, "no_cfg": 4} and card["startup_seconds"] > 0
 
 
@@ -186,7 +186,7 @@ BAD = [  # (what, request, status, error.code, error.param); a callable value is
      "image"),
     ("size not a multiple of 32", ("/v1/images/generations", {"json": {**GOOD, "size": "100x64"}}), 400,
      "invalid_value", "size"),
-    ("size outside the profile", ("/v1/images/generations", {"json": {**GOOD, "size": "64x1376"}}), 400,
+    ("size outside the limits", ("/v1/images/generations", {"json": {**GOOD, "size": "64x352"}}), 400,
      "invalid_value", "size"),
     ("size in the wrong shape", ("/v1/images/generations", {"json": {**GOOD, "size": "1024"}}), 400,
      "invalid_value", "size"),
@@ -385,3 +385,12 @@ def test_references_survive_a_restart_in_the_cache_dir(onnx_fp32, tmp_path, pipe
     assert live.sample(after, "kolors_trt_cache_hits_total", cache="ip", tier="disk") == 1
     want = pipe.generate("a dog", ip_adapter_image=ref, height=64, width=64, num_inference_steps=2, seed=5)
     assert max_diff(decode(r.data[0].b64_json), want.images[0]) <= 1
+
+
+def test_export_folder_limits_name_their_range(server):
+    with server.client() as http:
+        r = http.post("/v1/images/generations", json={**GOOD, "size": "352x64"})
+        assert r.status_code == 400 and "[32, 320]" in r.json()["error"]["message"], r.text
+        assert http.post("/v1/images/generations", json={**GOOD, "size": "320x64"}).status_code == 200
+        card = http.get("/v1/models").json()["data"][0]
+        assert card["profile"]["width"]["max"] == 320

@@ -175,10 +175,11 @@ def test_replica_header_is_on_every_response():
     assert sent[1] == {"type": "http.response.body", "body": b"x"}
 
 
-@pytest.mark.parametrize("state, healthy", [("ready", True), ("failing", False), ("failed", False),
-                                            ("stopped", False)])
-def test_health_check_is_the_workers_readiness(state, healthy):
-    worker = SimpleNamespace(state=state, load_error=None, status=lambda: {"consecutive_failures": 3})
+@pytest.mark.parametrize("state, alive, healthy", [("ready", True, True), ("failing", True, False),
+                                                   ("failed", True, False), ("stopped", False, False),
+                                                   ("ready", False, False)])
+def test_health_check_is_the_workers_readiness(state, alive, healthy):
+    worker = SimpleNamespace(state=state, load_error=None, alive=alive, status=lambda: {"consecutive_failures": 3})
     replica = SimpleNamespace(worker=worker, name="KolorsServer#abc")
     check = ray_app.KolorsServer.func_or_class.check_health
     if healthy:
