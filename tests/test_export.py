@@ -95,22 +95,31 @@ def test_ip_conversion_equals_load_ip_adapter(ref_pipe, comps):
         torch.testing.assert_close(proc.to_v_ip[0].weight, v, rtol=0, atol=0)
 
 
+def unet_inputs(comps, seed: int, b: int, h: int, w: int, t: float) -> tuple:
+    """Random UNet inputs at latents h x w (time ids of that size), and CLIP hidden states for the resampler."""
+    gen = torch.Generator().manual_seed(seed)
+    sample = torch.randn(b, 4, h, w, generator=gen)
+    text = torch.randn(b, 256, comps.dims.text_hidden, generator=gen)
+    pooled = torch.randn(b, comps.dims.text_hidden, generator=gen)
+    time_ids = torch.tensor([[8.0 * h, 8.0 * w, 0.0, 0.0, 8.0 * h, 8.0 * w]]).repeat(b, 1)
+    hidden = torch.randn(b, 577, comps.clip.config.hidden_size, generator=gen)
+    return sample, torch.tensor(t), text, pooled, time_ids, hidden
+
+
+def diffusers_unet(ref_pipe, sample, t, text, pooled, time_ids, hidden):
+    """diffusers' UNet after load_ip_adapter: the resampler inside, at the pipe's current IP scale."""
+    return ref_pipe.unet(sample, t, encoder_hidden_states=text, added_cond_kwargs={
+        "text_embeds": pooled, "time_ids": time_ids, "image_embeds": [hidden[:, None]]}, return_dict=False)[0]
+
+
 @pytest.mark.parametrize("scale", [0.0, 0.5, 1.3])
 def test_unet_wrapper_equals_diffusers_ip_unet(ref_pipe, comps, scale):
     """UNetGraph(ip_tokens, ip_scale) == diffusers' UNet after load_ip_adapter with the
     resampler inside and set_ip_adapter_scale, on [uncond, cond] batches."""
     ref_pipe.set_ip_adapter_scale(scale)
-    gen = torch.Generator().manual_seed(3)
-    b, h, w = 4, 12, 8
-    sample = torch.randn(b, 4, h, w, generator=gen)
-    t = torch.tensor(757.0)
-    text = torch.randn(b, 256, comps.dims.text_hidden, generator=gen)
-    pooled = torch.randn(b, comps.dims.text_hidden, generator=gen)
-    time_ids = torch.tensor([[96.0, 64.0, 0.0, 0.0, 96.0, 64.0]]).repeat(b, 1)
-    hidden = torch.randn(b, 577, comps.clip.config.hidden_size, generator=gen)
+    sample, t, text, pooled, time_ids, hidden = unet_inputs(comps, 3, 4, 12, 8, 757.0)
     with torch.no_grad():
-        want = ref_pipe.unet(sample, t, encoder_hidden_states=text, added_cond_kwargs={
-            "text_embeds": pooled, "time_ids": time_ids, "image_embeds": [hidden[:, None]]}, return_dict=False)[0]
+        want = diffusers_unet(ref_pipe, sample, t, text, pooled, time_ids, hidden)
         graph = UNetGraph(comps.unet, comps.kv)
         got = graph(sample, t.reshape(1), text, pooled, time_ids, comps.resampler(hidden), torch.tensor([scale]))
     _close(got, want, 1e-5, 1e-4)
@@ -119,21 +128,14 @@ def test_unet_wrapper_equals_diffusers_ip_unet(ref_pipe, comps, scale):
 def test_unet_wrapper_scales_each_row_by_its_own_ip_scale(ref_pipe, comps):
     """ip_scale [B]: row i of one batched call equals diffusers' UNet at set_ip_adapter_scale(scale[i])."""
     scales = [0.0, 0.5, 1.3, 0.5]
-    gen = torch.Generator().manual_seed(5)
-    b, h, w = len(scales), 8, 12
-    sample = torch.randn(b, 4, h, w, generator=gen)
-    t = torch.tensor(411.0)
-    text = torch.randn(b, 256, comps.dims.text_hidden, generator=gen)
-    pooled = torch.randn(b, comps.dims.text_hidden, generator=gen)
-    time_ids = torch.tensor([[64.0, 96.0, 0.0, 0.0, 64.0, 96.0]]).repeat(b, 1)
-    hidden = torch.randn(b, 577, comps.clip.config.hidden_size, generator=gen)
+    b = len(scales)
+    sample, t, text, pooled, time_ids, hidden = unet_inputs(comps, 5, b, 8, 12, 411.0)
     with torch.no_grad():
         graph = UNetGraph(comps.unet, comps.kv)
         got = graph(sample, t.reshape(1), text, pooled, time_ids, comps.resampler(hidden), torch.tensor(scales))
         for row, scale in enumerate(scales):
             ref_pipe.set_ip_adapter_scale(scale)
-            want = ref_pipe.unet(sample, t, encoder_hidden_states=text, added_cond_kwargs={
-                "text_embeds": pooled, "time_ids": time_ids, "image_embeds": [hidden[:, None]]}, return_dict=False)[0]
+            want = diffusers_unet(ref_pipe, sample, t, text, pooled, time_ids, hidden)
             _close(got[row], want[row], 1e-5, 1e-4)
         uniform = graph(sample, t.reshape(1), text, pooled, time_ids, comps.resampler(hidden), torch.full((b,), 0.5))
     # rows at 0.5 agree with an all-0.5 batch; rows at 0 and 1.3 do not: no scale leaks across rows
