@@ -24,14 +24,13 @@ file and the field.
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
 from .hashing import sha256_file
-from .manifest import FolderError, ManifestError, atomic_path, contained, read_json_object, verify_files
+from .manifest import FolderError, ManifestError, atomic_path, contained, is_sha256, read_json_object, verify_files
 from .manifest import field as typed
 from .spec import COMPONENTS, ENGINE_FORMAT, EXPORT_FORMAT, EXPORT_VERSION, PRECISIONS, ModelDims, model_dims_from_json
 
@@ -42,7 +41,6 @@ ASSET_DIRS = ("tokenizer", "scheduler")  # every export folder has them; engine 
 # Copied when present: without it the runtime takes the CLIP settings from the manifest's runtime constants.
 OPTIONAL_ASSET_DIRS = ("image_processor",)
 TOKENIZER_MODEL = "tokenizer/tokenizer.model"
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 # Fields every engine entry has, with their kinds (manifest.field).
 _ENTRY_FIELDS = {"file": "string", "plan_sha256": "sha256", "plan_bytes": "int", "precision": "string",
@@ -183,7 +181,7 @@ def asset_hashes(root: Path, m: Mapping, path: Path) -> dict:
             raise ManifestError(f"{path}: field 'assets' names {rel[:80]!r}; expected a file directly in one of "
                                 f"{ASSET_DIRS + OPTIONAL_ASSET_DIRS}")
         contained(root, rel, f"{path}: assets")
-        if not (isinstance(value, str) and _SHA256.fullmatch(value)):
+        if not is_sha256(value):  # the key holds dots (file names), so field()'s dotted path cannot name it
             raise ManifestError(f"{path}: field 'assets.{rel}' must be a sha256, found {str(value)[:80]!r}")
     return dict(assets)
 

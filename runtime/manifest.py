@@ -215,6 +215,11 @@ def read_json_object(path: str | Path) -> dict:
 _KINDS = {"object": dict, "string": str, "list": list, "bool": bool}
 
 
+def is_sha256(value) -> bool:
+    """A lower-case hex sha256 digest."""
+    return isinstance(value, str) and bool(_SHA256.fullmatch(value))
+
+
 def field(data: Mapping, dotted: str, kind: str, where: str | Path, default=...):
     """``data["a"]["b"]`` for ``dotted`` "a.b", checked to be of ``kind`` ("object", "string", "list",
     "bool", "number", "int", "sha256"); ``default`` when absent, if given. ``where`` is the file."""
@@ -228,7 +233,7 @@ def field(data: Mapping, dotted: str, kind: str, where: str | Path, default=...)
     ok = {
         "number": isinstance(node, (int, float)) and not isinstance(node, bool),
         "int": isinstance(node, int) and not isinstance(node, bool),
-        "sha256": isinstance(node, str) and bool(_SHA256.fullmatch(node)),
+        "sha256": is_sha256(node),
     }.get(kind)
     if ok is None:
         ok = isinstance(node, _KINDS[kind])
@@ -298,6 +303,7 @@ __all__ = [
     "deferred_interrupts",
     "field",
     "is_leftover",
+    "is_sha256",
     "read_json_object",
     "temp_path",
     "verify_files",
