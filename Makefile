@@ -22,6 +22,10 @@ PYTEST_ARGS ?= -n 2
 # The tiny default benchmarks at a small size; real checkpoints: BENCH_ARGS="--size 1024x1024 --steps 50"
 BENCH_ARGS ?= --size 256x256 --steps 10 --warmup 1 --runs 5 --baseline diffusers
 
+# The playground's browser test drives Debian's Chromium (playwright downloads no browser here)
+CHROMIUM   ?= /usr/bin/chromium
+SUDO       := $(if $(filter 0,$(shell id -u)),,sudo)
+
 BIN    := $(VENV)/bin
 KT     := $(BIN)/kolors-trt
 STAMP  := $(VENV)/.installed-$(shell echo "$(TORCH_SPEC) $(EXTRAS)" | cksum | cut -d' ' -f1)
@@ -36,11 +40,11 @@ else
   NEED_TINY :=
 endif
 
-.PHONY: setup engines onnx test bench serve serve-ray clean help fullsize-check
+.PHONY: setup browser engines onnx test bench serve serve-ray clean help fullsize-check
 
 help:
 	@echo "make engines   checkpoint (WEIGHTS, IP_ADAPTER; tiny default) -> $(OUT)/onnx -> $(OUT)/engines"
-	@echo "make test      run the test suite (CPU)"
+	@echo "make test      run the test suite (CPU; installs Chromium with apt-get when missing)"
 	@echo "make bench     latency benchmark on $(OUT)/onnx (tiny default, ONNX Runtime) against diffusers"
 	@echo "make serve     serve $(OUT)/onnx (tiny default, exported if missing) on http://127.0.0.1:8000 (SERVE_ARGS)"
 	@echo "make serve-ray the same as $(REPLICAS) Ray Serve replicas on a local Ray instance (REPLICAS, SERVE_ARGS)"
@@ -67,8 +71,14 @@ onnx: $(STAMP) $(NEED_TINY)
 engines: onnx
 	$(KT) build --onnx $(OUT)/onnx --out $(OUT)/engines $(if $(TARGET),--target $(TARGET)) $(BUILD_ARGS)
 
-test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+browser: $(CHROMIUM)
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -q
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+
+test: $(STAMP) | $(CHROMIUM)
+	KOLORS_TRT_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: onnx
 	$(KT) bench --onnx $(OUT)/onnx $(BENCH_ARGS) --json $(OUT)/bench.json --plot $(OUT)/bench.png

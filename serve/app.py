@@ -11,7 +11,8 @@ Routes:
     GET  /health/live, /health/ready      no API key; ready is 503 until loaded and warmed up,
                                           while draining, and after repeated failures
     GET  /metrics                         Prometheus text
-    GET  /v1/models                       the loaded model and its profile
+    GET  /v1/models                       the loaded model, its profile and the sizes it offers (sizes.py)
+    GET  /, /playground                   the playground page, no API key (playground.py; --no-playground: off)
     POST /v1/images/generations, /v1/images/edits, /v1/references   (routes.py)
 """
 
@@ -36,7 +37,9 @@ from .config import ServeConfig
 from .errors import NotFoundError, ServeInputError, error_body, http_error
 from .metrics import CONTENT_TYPE
 from .middleware import BodyLimit, Gate, Traffic
+from .playground import add_playground
 from .protocol import validation_error
+from .sizes import offered_sizes
 from .worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -56,6 +59,7 @@ def model_card(config: ServeConfig, worker: Worker, created: int) -> dict:
     return {"id": config.model_id, "object": "model", "created": created, "owned_by": "kolors-trt",
             "backend": pipe.backend, "folder_kind": folder.kind, "profile": profile,
             "size_multiple": folder.size_multiple, "defaults": dict(pipe.defaults),
+            "sizes": offered_sizes(folder, pipe.defaults),
             "max_images_per_batch": {"cfg": worker.batch_ceiling(True), "no_cfg": worker.batch_ceiling(False)},
             "startup_seconds": worker.startup_seconds}
 
@@ -80,6 +84,7 @@ def create_app(config: ServeConfig, worker: Optional[Worker] = None) -> FastAPI:
     app.state.worker = worker
     app.state.traffic = Traffic()
     app.include_router(routes.router)
+    add_playground(app, config.playground)
 
     @app.get("/health/live")
     async def live():

@@ -83,6 +83,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"longest prompt taken (default {d.max_prompt_chars})")
     p.add_argument("--model-name", default=d.model_id, help=f"the model id clients see (default {d.model_id!r})")
     p.add_argument("--no-verify", action="store_true", help="skip checking the graphs/plans against the manifest")
+    p.add_argument("--no-playground", action="store_true", help="no playground page on GET / and /playground")
     add_limit_arguments(p)
 
 
@@ -124,6 +125,7 @@ def config_from_args(args, read_key: bool = True) -> ServeConfig:
         api_key=read_api_key(args.api_key_file) if read_key else None,
         max_body_bytes=int(args.max_body_mb * 2**20), max_prompt_chars=args.max_prompt_chars,
         model_id=args.model_name, verify=not args.no_verify, limits=Limits(args.max_size, args.max_batch),
+        playground=not args.no_playground,
     )
 
 

@@ -44,6 +44,7 @@ class ServeConfig:
     limits: Limits = Limits()  # export folders: the largest side and batch accepted (engine folders: their profile)
     failure_threshold: int = 3  # consecutive failed batches before /health/ready says 503
     probe_interval_s: float = 5.0  # while failing: how often the idle worker re-runs the warm-up request
+    playground: bool = True  # the page on GET / and /playground
 
     def __post_init__(self):
         positive = {"max_wait_ms": (self.max_wait_ms, 0), "max_queue": (self.max_queue, 1),

@@ -2,7 +2,7 @@
 ``http.disconnect`` from handlers, and disconnects must stop GPU work).
 
     Gate      outermost: request metrics for every answer; then, for every route but
-              /health/*, the API key (401 before any body is read) and the drain
+              /health/* and the playground page, the API key (401 before any body is read) and the drain
               (503 once SIGTERM arrived); counts the requests in flight
     BodyLimit the request body limit: 413 at once when Content-Length says so, else
               when the counted bytes pass it, whatever the app was doing with them
@@ -17,6 +17,7 @@ import logging
 import time
 
 from .errors import AuthError, BodyTooLargeError, ShuttingDownError, http_error
+from .playground import public
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class Gate:
 
         self.traffic.in_flight += 1
         try:
-            if path.startswith(OPEN_PREFIX):
+            if path.startswith(OPEN_PREFIX) or (self.config.playground and public(path)):
                 await self.app(scope, receive, watch)
             elif self.config.api_key is not None and not self._authorized(scope):
                 await send_error(watch, AuthError("missing or wrong API key: send Authorization: Bearer <key> (the "

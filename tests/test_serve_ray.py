@@ -282,6 +282,12 @@ def two_replicas_share_a_burst_with_the_local_pipelines_images(ray_server, pipe)
         refused = http.post("/v1/images/generations", json={"prompt": "x"})
     assert refused.status_code == 401 and refused.json()["error"]["code"]
     assert HEADER.match(refused.headers["x-kolors-replica"])
+    with httpx.Client(base_url=ray_server.url, timeout=10) as http:  # the playground page needs no key, its API does
+        page = http.get("/playground")
+        assert page.status_code == 200 and "/playground/playground.js" in page.text
+        assert http.get("/playground/playground.js").status_code == 200
+    with ray_server.client(timeout=10) as http:
+        assert "64x64" in http.get("/v1/models").json()["data"][0]["sizes"]
     for i, answer in enumerate(answers):
         want = pipe.generate(f"a red fox #{i}", height=64, width=96, num_inference_steps=3, seed=i,
                              ip_adapter_scale=0)
