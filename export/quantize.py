@@ -65,6 +65,23 @@ RECIPE = {
 RECIPE_NAME = "nvidia-sdxl-level3"  # demo/Diffusion's quantization level 3: Conv2d + Linear, no MHA
 
 
+# Calibration of the 435 M-parameter UNet of real widths (export/tiny.py MID; README "INT8 and FP8
+# UNets"), measured here: its peak RSS over the fp32 weights' bytes, and ONNX-level PTQ's for comparison.
+MEASURED_MID = {"params": 434_628_804, "torch_peak_rss_mb": None, "onnx_ptq_peak_rss_mb": (17_700, 19_600),
+                "onnx_ptq_seconds": 411}
+
+
+def calibration_projection(params: int) -> dict:
+    """Peak memory of calibrating a UNet of ``params`` parameters, scaled from the mid-size measurement
+    (memory grows with the weights: the module once, plus activations of one step at the calibration size)."""
+    scale = params / MEASURED_MID["params"]
+    out = {"params": params, "fp32_weights_gb": round(4 * params / 1e9, 2),
+           "onnx_level_peak_gb": [round(v * scale / 1024, 1) for v in MEASURED_MID["onnx_ptq_peak_rss_mb"]]}
+    if MEASURED_MID["torch_peak_rss_mb"]:
+        out["torch_level_peak_gb"] = round(MEASURED_MID["torch_peak_rss_mb"] * scale / 1024, 1)
+    return out
+
+
 def check_precision(precision: str) -> None:
     if precision not in QUANTIZED:
         raise ValueError(f"quantize: precision {precision!r} is not one of {QUANTIZED}")

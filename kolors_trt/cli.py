@@ -147,6 +147,8 @@ def _bench(args) -> int:
         dtype = args.baseline_dtype or ("fp32" if device == "cpu" else "fp16")
         baseline = B.bench_diffusers(Path(weights), Path(ip), config, device, dtype)
     result = B.report(config, samples, facts, baseline, B.environment(facts["backend"]))
+    if args.compare:
+        result["compare"] = B.compare_unet(Path(args.compare), args.backend, config, cuda_graph)
     print(B.markdown(result))
     B.write_outputs(result, args.json, args.plot)
     return 0
@@ -215,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, metavar="N",
                    help="throughput instead of latency: N requests through generate_batch against the same N one at "
                         "a time, in the same run")
+    p.add_argument("--compare", metavar="FOLDER",
+                   help="also run FOLDER (e.g. fp16 engines beside int8/fp8 ones) and compare the UNet step times")
     p.add_argument("--json", help="write every raw sample, the environment and the configuration here")
     p.add_argument("--plot", help="write a PNG of per-stage time here")
     p.add_argument("--server", metavar="URL", help="load-test a running kolors-trt serve at URL instead (the folder "

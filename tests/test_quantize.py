@@ -269,3 +269,22 @@ def test_plan_targets_rule():
     assert plan_targets("unet", "fp8", ["SM80", "SM89"], True, True) == ["SM89"]
     with pytest.raises(UnsupportedTargetError, match="export the UNet at int8"):
         plan_targets("unet", "fp8", ["SM80", "SM86"], True, True)  # nothing left to build for
+
+
+def test_bench_on_onnxruntime_says_qdq_timings_are_not_indicative(quantized, onnx_fp16, capsys):
+    from kolors_trt.cli import main
+
+    code = main(["bench", "--onnx", str(quantized["int8"]), "--size", "64x64", "--steps", "2", "--warmup", "0",
+                 "--runs", "1", "--compare", str(onnx_fp16)])
+    out = capsys.readouterr().out
+    assert code == 0 and "UNet step: int8" in out and ", fp16 (" in out
+    assert "ONNX Runtime's timings of Q/DQ graphs are not indicative of GPU speed" in out
+
+
+def test_calibration_memory_projection_scales_with_the_weights():
+    from kolors_trt.export.quantize import MEASURED_MID, calibration_projection
+
+    mid, real = calibration_projection(MEASURED_MID["params"]), calibration_projection(2_580_000_000)
+    assert mid["onnx_level_peak_gb"] == [round(v / 1024, 1) for v in MEASURED_MID["onnx_ptq_peak_rss_mb"]]
+    assert real["fp32_weights_gb"] == 10.32 and real["onnx_level_peak_gb"][0] > 100
+    assert real["torch_level_peak_gb"] < real["onnx_level_peak_gb"][0] / 3
