@@ -51,5 +51,5 @@ def plan_targets(component: str, precision: str, requested: Sequence[str], expli
     fix = ("pass --compute-capability 8.9 and/or 12.0" + (", or --drop-unsupported-targets to build the UNet "
            f"for {', '.join(keep)} only" if keep else "") + ", or export the UNet at int8 or fp16")
     raise UnsupportedTargetError(
-        f"engines: a {precision} {component} needs compute capability 8.9 or later; {where} has "
+        f"engines: an {precision} {component} needs compute capability 8.9 or later; {where} has "
         f"{', '.join(below)} ({', '.join(requested)}): {fix}")
