@@ -401,12 +401,11 @@ def _quantization_note(root: Path) -> str:
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(read_config(config))
     p = calibration_projection(sum(math.prod(t.shape) for t in unet.parameters()))
-    torch_level = f"{p['torch_level_peak_gb']} GB" if "torch_level_peak_gb" in p else "not measured"
     lo, hi = p["onnx_level_peak_gb"]
-    return (f"\n8-bit UNet (export --component-precision unet=int8|fp8), projected from the 435 M-parameter UNet "
+    return (f"\n8-bit UNet (export --component-precision unet=int8|fp8), projected from the mid-size UNet "
             f"measured on this machine, not run at this size: {p['params'] / 1e9:.2f} B parameters, "
-            f"{p['fp32_weights_gb']} GB fp32; torch-level calibration (the export's path) peak RSS {torch_level}; "
-            f"ONNX-level PTQ would peak near {lo}-{hi} GB.\n")
+            f"{p['fp32_weights_gb']} GB fp32; torch-level calibration (the export's path) peak RSS about "
+            f"{p['torch_level_peak_gb']} GB on the CPU; ONNX-level PTQ would peak near {lo}-{hi} GB.\n")
 
 
 def main(argv: list | None = None) -> int:

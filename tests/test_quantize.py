@@ -284,7 +284,8 @@ def test_bench_on_onnxruntime_says_qdq_timings_are_not_indicative(quantized, onn
 def test_calibration_memory_projection_scales_with_the_weights():
     from kolors_trt.export.quantize import MEASURED_MID, calibration_projection
 
-    mid, real = calibration_projection(MEASURED_MID["params"]), calibration_projection(2_580_000_000)
+    mid, real = calibration_projection(MEASURED_MID["onnx_params"]), calibration_projection(2_580_000_000)
     assert mid["onnx_level_peak_gb"] == [round(v / 1024, 1) for v in MEASURED_MID["onnx_ptq_peak_rss_mb"]]
+    assert calibration_projection(MEASURED_MID["torch_params"])["torch_level_peak_gb"] == 2.6
     assert real["fp32_weights_gb"] == 10.32 and real["onnx_level_peak_gb"][0] > 100
     assert real["torch_level_peak_gb"] < real["onnx_level_peak_gb"][0] / 3
