@@ -9,7 +9,7 @@ PYTHON     ?= python3
 VENV       ?= .venv
 # A bare `torch` pulls several GB of CUDA wheels: pin it (GPU hosts override this).
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS     ?= export,test,tensorrt-rtx,bench,serve,ray
+EXTRAS     ?= export,test,tensorrt-rtx,bench,serve,ray,quantize
 OUT        ?= out
 WEIGHTS    ?=
 IP_ADAPTER ?=

@@ -51,7 +51,15 @@ from .errors import EngineBuildError
 from .interrupt import progress_monitor, run_cancellable
 from .manifest import MANIFEST, cache_key, damaged_plans, new_engine_manifest, profile_json
 from .network import check_network, parse_onnx
-from .targets import Target, default_target_name, get_target
+from .precision import plan_targets
+from .targets import (
+    RTX_DEFAULT_COMPUTE_CAPABILITIES,
+    Target,
+    default_target_name,
+    device_compute_capability,
+    get_target,
+    normalize_compute_capability,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +109,7 @@ def build_engines(
     refit_unet: bool = False,
     force: bool = False,
     compute_capabilities: Optional[Sequence[str]] = None,
+    drop_unsupported_targets: bool = False,
 ) -> list[BuildResult]:
     """Build ``components`` of the export folder ``onnx_dir`` into ``out_dir``.
 
@@ -110,6 +119,8 @@ def build_engines(
     refit_unet: make the UNet plan refittable (weight swaps, e.g. LoRA).
     force: rebuild every engine, and replace a malformed engine manifest in ``out_dir``.
     compute_capabilities: TensorRT-RTX AOT targets like ("SM86", "SM89"); None = its portable default.
+    drop_unsupported_targets: build an engine whose precision a requested compute capability cannot
+    run (an FP8 UNet below 8.9) for the others only, instead of refusing (engines/precision.py).
 
     KeyboardInterrupt (Ctrl-C; SIGTERM in the CLI) stops the build within seconds and
     leaves ``out_dir`` as the last commit left it.
@@ -129,6 +140,9 @@ def build_engines(
             "export them first or pass --components"
         )
     specs = engine_specs(export.model_dims, profile)
+    # Per component, checked before any build: an FP8 plan serves compute capability 8.9+ only.
+    targets = {name: _plan_targets(tgt, name, export.components[name].precision, compute_capabilities,
+                                   drop_unsupported_targets) for name in components}
     out = Path(out_dir)
     if out.resolve() == export.root.resolve():
         raise ExportFolderError(f"engines: --out {out} is the export folder itself; write the engines to another folder")
@@ -149,7 +163,7 @@ def build_engines(
             config = builder.create_builder_config()
             if monitor is not None:
                 config.progress_monitor = monitor
-            ccs = tuple(tgt.set_compute_capabilities(trt, config, compute_capabilities))
+            ccs = tuple(tgt.set_compute_capabilities(trt, config, targets[name]))
             # TensorRT allows TF32 by default. Only the fp32 VAE may use it; elsewhere it is
             # cleared, so fp16 graphs keep their fp32 islands exact and a component exported
             # at fp32 for accuracy gets fp32 math.
@@ -159,6 +173,20 @@ def build_engines(
             results.append(_build_one(job, comp, specs[name], folder, opts, timing_cache, force))
     folder.commit()
     return results
+
+
+def _plan_targets(tgt: Target, name: str, precision: str, requested: Optional[Sequence[str]],
+                  drop: bool) -> Optional[list]:
+    """The compute capabilities to build ``name`` for (None: the target's default), after the precision rule."""
+    if precision != "fp8":
+        return list(requested) if requested else None
+    if tgt.aot_on_cpu:
+        wanted = [normalize_compute_capability(c) for c in requested] if requested else list(RTX_DEFAULT_COMPUTE_CAPABILITIES)
+        return plan_targets(name, precision, wanted, bool(requested), drop)
+    local = device_compute_capability()  # TensorRT builds for the GPU it runs on
+    if local is not None:
+        plan_targets(name, precision, [local], True, False)
+    return list(requested) if requested else None
 
 
 @dataclass(frozen=True)

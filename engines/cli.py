@@ -48,6 +48,9 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         metavar="SM",
         help="tensorrt-rtx AOT target, e.g. 8.6 or SM89 (repeatable; default: the builder's portable set)",
     )
+    p.add_argument("--drop-unsupported-targets", action="store_true",
+                   help="build an FP8 UNet for the compute capabilities 8.9+ of the set only (default: refuse a set "
+                        "with older ones); the manifest lists what the plan covers")
     p.add_argument("--components", nargs="+", choices=COMPONENTS, default=list(COMPONENTS), help="engines to build")
     p.add_argument("--force", action="store_true",
                    help="rebuild even when an engine is up to date; also replaces a malformed engine manifest in --out")
@@ -126,6 +129,7 @@ def run_build(args: argparse.Namespace) -> int:
             refit_unet=args.refit,
             force=args.force,
             compute_capabilities=args.compute_capability,
+            drop_unsupported_targets=args.drop_unsupported_targets,
         )
     # Typed errors only (user input and environment); the ValueErrors include the
     # spec's, the export folder's and the network check's.

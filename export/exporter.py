@@ -31,6 +31,7 @@ from kolors_trt.runtime.preprocess import CLIP_MEAN, CLIP_STD
 from . import checkpoint as ck
 from . import folder as F
 from .onnx_export import OPSET, export_onnx, sample_inputs
+from .quantize import OPSET_8BIT
 from .validate import Parity, validate
 
 logger = logging.getLogger(__name__)
@@ -68,9 +69,9 @@ def resolve_precisions(default: str = "fp16", overrides: dict | None = None) -> 
         raise PrecisionError(f"export: precision {default!r} is not one of {S.PRECISIONS}")
     out = {c: (default if c != "vae_decoder" else S.DEFAULT_PRECISION[c]) for c in S.COMPONENTS}
     for comp, prec in (overrides or {}).items():
-        if comp not in S.COMPONENTS or prec not in S.PRECISIONS:
-            raise PrecisionError(f"export: cannot set {comp}={prec}; components are {S.COMPONENTS}, "
-                                 f"precisions {S.PRECISIONS}")
+        if comp not in S.COMPONENTS or prec not in S.COMPONENT_PRECISIONS[comp]:
+            allowed = "; ".join(f"{c}: {'/'.join(p)}" for c, p in S.COMPONENT_PRECISIONS.items())
+            raise PrecisionError(f"export: cannot set {comp}={prec}; precisions per component are {allowed}")
         out[comp] = prec
     return out
 
@@ -223,20 +224,25 @@ def quiet_libraries() -> None:
 
 
 def export_all(weights: Path, ip_adapter: Path, out: Path, precisions: dict,
-               components: tuple = S.COMPONENTS, progress: bool = True, force: bool = False) -> list[ExportResult]:
+               components: tuple = S.COMPONENTS, progress: bool = True, force: bool = False,
+               calibration=None) -> list[ExportResult]:
     """Export, validate and hash every requested component; write the manifest.
 
-    Skipped ("up-to-date" results) when ``out`` already verifies and holds these components
-    from the same checkpoint fingerprint at these precisions, unless ``force``. Adding some
-    components to a folder of another checkpoint is refused (folder.check_addition)."""
+    A UNet at int8 or fp8 is calibrated with ``calibration`` (export.calibration.Calibration;
+    None: NVIDIA's recipe) in the pipeline of this export's other graphs, so it is exported last
+    (export/quantized_unet.py). Skipped ("up-to-date" results) when ``out`` already verifies and
+    holds these components from the same checkpoint fingerprint at these precisions (and the same
+    calibration), unless ``force``. Adding some components to a folder of another checkpoint is
+    refused (folder.check_addition)."""
     from tqdm import tqdm
 
     paths = ck.resolve(weights, ip_adapter)
     out = Path(out)
     fingerprint = ck.fingerprint(paths)
+    cal = _calibration(precisions, components, calibration)
     old, problem = F.existing_folder(out)
     clean_leftovers(out)  # what an interrupted or killed export left, also when this one is skipped
-    if not force and F.up_to_date(old, fingerprint, precisions, components):
+    if not force and F.up_to_date(old, fingerprint, precisions, components, cal.sha256() if cal else None):
         logger.info("%s: up to date (checkpoint fingerprint %s...)", out, fingerprint[:12])
         return [_up_to_date_result(old.components[name]) for name in components]
     dims = ck.model_dims(paths)
@@ -249,25 +255,36 @@ def export_all(weights: Path, ip_adapter: Path, out: Path, precisions: dict,
     comps = Components(paths)
     specs = S.engine_specs(comps.dims)
     results, entries, staged = [], {}, {}
+    # A quantized UNet is calibrated in the pipeline of the other graphs: it goes last.
+    order = sorted(components, key=lambda c: c == "unet" and cal is not None)
     try:
         # The bar as a context: closed (its line ended) before an interrupt's message is printed.
-        with tqdm(components, desc="export", unit="graph", disable=not progress) as bar:
+        with tqdm(order, desc="export", unit="graph", disable=not progress) as bar:
             for name in bar:
                 precision = precisions[name]
                 bar.set_postfix_str(f"{name} {precision}")
                 staged[name] = F.stage_dir(out, name)
                 spec, file = specs[name], staged[name] / f"{name}.onnx"
                 start = time.perf_counter()
-                export_onnx(comps.graph(name, precision), spec, export_dims(comps.dims), file)  # the copy is freed here
+                quantization = None
+                if name == "unet" and cal is not None:
+                    quantization = _export_quantized(comps, cal, out, staged, entries, old, paths, runtime)
+                    parity = _quantized_parity(spec, file, quantization)
+                else:
+                    export_onnx(comps.graph(name, precision), spec, export_dims(comps.dims), file)  # the copy is freed here
                 seconds = time.perf_counter() - start
-                values = check_dims(comps.dims)
-                reference = comps.graph(name, "fp32")
-                parity = validate(spec, precision, file, reference, values, sample_inputs(spec, values, seed=1))
-                del reference
+                if quantization is None:
+                    values = check_dims(comps.dims)
+                    reference = comps.graph(name, "fp32")
+                    parity = validate(spec, precision, file, reference, values, sample_inputs(spec, values, seed=1))
+                    del reference
                 comps.release(name)
                 fields = F.graph_fields(staged[name], name)
                 results.append(ExportResult(name, precision, file.name, fields["bytes"], seconds, peak_rss_mb(), parity))
                 entries[name] = _entry(fields, results[-1], fingerprint)
+                if quantization is not None:
+                    entries[name]["quantization"] = quantization
+                    entries[name]["validation"]["rms_rel_err"] = quantization["error"]["rms_rel_err"]
                 logger.info("%s (%s): max abs err %.3g, rel err %.3g", name, precision, parity.max_abs_err, parity.rel_err)
             configs = comps.configs()
             for name, entry in entries.items():
@@ -280,15 +297,59 @@ def export_all(weights: Path, ip_adapter: Path, out: Path, precisions: dict,
 
 
 def _entry(fields: dict, r: ExportResult, fingerprint: str) -> dict:
+    quantized = r.precision in S.QUANTIZED_PRECISIONS
     return {
         **fields,
         "precision": r.precision,
-        "opset": OPSET,
+        "opset": OPSET_8BIT if quantized else OPSET,
         "export_seconds": round(r.export_seconds, 3),
         "validation": {"max_abs_err": r.parity.max_abs_err, "rel_err": r.parity.rel_err,
-                       "dims": r.parity.dims, "reference": "fp32 PyTorch module"},
+                       "dims": r.parity.dims,
+                       "reference": "fp32 PyTorch module" + (" on held-out pipeline inputs" if quantized else "")},
         "checkpoint": fingerprint,
     }
+
+
+def _calibration(precisions: dict, components, calibration):
+    """The UNet's calibration when it is exported at int8/fp8 (NVIDIA's recipe unless given), else None."""
+    if "unet" not in components or precisions["unet"] not in S.QUANTIZED_PRECISIONS:
+        return None
+    from .calibration import calibration as recipe
+
+    cal = calibration or recipe(precisions["unet"])
+    if cal.precision != precisions["unet"]:
+        raise PrecisionError(f"export: the calibration is for {cal.precision}, the UNet is exported at "
+                             f"{precisions['unet']}")
+    return cal
+
+
+def _export_quantized(comps, cal, out: Path, staged: dict, entries: dict, old, paths, runtime) -> dict:
+    """The quantized UNet into staged["unet"]; the other graphs from this export or the folder it adds to."""
+    from .quantized_unet import OTHERS, export_quantized_unet
+
+    graphs, others = {}, {}
+    for name in OTHERS:
+        if name in entries:
+            graphs[name], others[name] = staged[name], entries[name]
+        elif old is not None and name in old.components:
+            graphs[name], others[name] = out, old.components[name].entry
+        else:
+            raise PrecisionError(f"export: a {cal.precision} UNet is calibrated in the pipeline of the other graphs; "
+                                 f"{out} has no {name}: export all components together (omit --components)")
+    return export_quantized_unet(comps, cal, out, staged["unet"], graphs, others, paths, comps.dims, runtime,
+                                 export_dims(comps.dims))
+
+
+def _quantized_parity(spec: S.EngineSpec, file: Path, quantization: dict) -> Parity:
+    """The check of a quantized graph: its signature here, its error measured on held-out inputs."""
+    import onnx
+
+    from .validate import check_signature
+
+    check_signature(spec, onnx.load(str(file), load_external_data=False))
+    err, cal = quantization["error"], quantization["calibration"]
+    dims = {"unet_batch": 2 * cal["batch"], "latent_height": cal["size"][0] // 8, "latent_width": cal["size"][1] // 8}
+    return Parity("unet", quantization["mode"], err["max_abs_err"], err["max_rel_err"], 0.0, dims)
 
 
 def _up_to_date_result(comp) -> ExportResult:

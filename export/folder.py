@@ -82,14 +82,19 @@ def existing_folder(out: Path) -> tuple[Optional[ExportFolder], Optional[Excepti
         return None, err
 
 
-def up_to_date(old: Optional[ExportFolder], fingerprint: str, precisions: Mapping, components) -> bool:
+def up_to_date(old: Optional[ExportFolder], fingerprint: str, precisions: Mapping, components,
+               calibration: Optional[str] = None) -> bool:
     """The folder verified, is of this export version, and holds every requested component
-    exported from this checkpoint (same fingerprint) at the requested precision."""
+    exported from this checkpoint (same fingerprint) at the requested precision; a quantized
+    UNet also from the same calibration (its sha256, ``calibration``)."""
     if old is None or not old.assets:  # no assets hashes: written before fingerprints were recorded
         return False
     for name in components:
         comp = old.components.get(name)
         if comp is None or comp.entry.get("checkpoint") != fingerprint or comp.precision != precisions[name]:
+            return False
+        if name == "unet" and calibration is not None and \
+                (comp.entry.get("quantization") or {}).get("calibration", {}).get("sha256") != calibration:
             return False
     return True
 

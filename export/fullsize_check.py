@@ -381,7 +381,31 @@ def _report(root: Path, rows: dict) -> None:
                       err, shape])
     head = ["component", "precision", "export s", "peak RSS MB (anon) export / validate", "ONNX GB", "build s",
             "build peak RSS MB (anon)", "engine GB", "max abs / rel err vs torch", "validation shape"]
-    (root / "fullsize-check.md").write_text(markdown_table(head, table) + "\n")
+    (root / "fullsize-check.md").write_text(markdown_table(head, table) + "\n" + _quantization_note(root))
+
+
+def _quantization_note(root: Path) -> str:
+    """The 8-bit UNet's calibration memory at these sizes, projected (quantize.calibration_projection):
+    not run here, the fp32 module alone is 10 GB and 20 steps x 32 prompts at 1024x1024 need a GPU."""
+    import math
+
+    from .checkpoint import read_config
+    from .quantize import calibration_projection
+
+    config = root / "ckpt" / "kolors" / "unet"
+    if not (config / "config.json").is_file():
+        return ""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(read_config(config))
+    p = calibration_projection(sum(math.prod(t.shape) for t in unet.parameters()))
+    lo, hi = p["onnx_level_peak_gb"]
+    return (f"\n8-bit UNet (export --component-precision unet=int8|fp8), projected from the mid-size UNet "
+            f"measured on this machine, not run at this size: {p['params'] / 1e9:.2f} B parameters, "
+            f"{p['fp32_weights_gb']} GB fp32; torch-level calibration (the export's path) peak RSS about "
+            f"{p['torch_level_peak_gb']} GB on the CPU; ONNX-level PTQ would peak near {lo}-{hi} GB.\n")
 
 
 def main(argv: list | None = None) -> int:

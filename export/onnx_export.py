@@ -69,7 +69,8 @@ def module_bytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def export_onnx(module, spec: S.EngineSpec, values: dict, path: Path, streaming: bool | None = None) -> None:
+def export_onnx(module, spec: S.EngineSpec, values: dict, path: Path, streaming: bool | None = None,
+                opset: int = OPSET) -> None:
     """Trace `module` at the dims `values` and write a cleaned graph to `path`
     (with one external-data file `path.data` when it is over 2 GB).
 
@@ -95,7 +96,7 @@ def export_onnx(module, spec: S.EngineSpec, values: dict, path: Path, streaming:
                 warnings.simplefilter("ignore")  # tracer warnings about Python-level shape logic
                 torch.onnx.export(
                     module, args, str(raw), input_names=spec.input_names, output_names=spec.output_names,
-                    dynamic_axes=S.dynamic_axes(spec), opset_version=OPSET, do_constant_folding=not streaming,
+                    dynamic_axes=S.dynamic_axes(spec), opset_version=opset, do_constant_folding=not streaming,
                     dynamo=False,
                 )
         except Exception as exc:

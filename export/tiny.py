@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -108,7 +108,14 @@ TINY_ALT = TinyConfig(
     clip_hidden=48, clip_layers=2, clip_heads=3, clip_ffn=96, resampler_heads=2,
 )
 
-PRESETS = {"default": TINY, "alt": TINY_ALT}
+# A UNet of the real widths (320/640/1280 channels, 5/10/20 heads, cross-attention 2048, 256-wide
+# time ids) with one layer and one transformer block per level: 435 M parameters (the real one
+# has 2.58 B). The other components stay tiny. For measuring what scales with the UNet (8-bit
+# calibration time and memory, README "INT8 and FP8 UNets"); not used by the tests.
+MID = replace(TINY, seed=2, unet_channels=(320, 640, 1280), unet_layers=1, unet_transformer_layers=(1, 1, 1),
+              unet_heads=(5, 10, 20), cross_attention_dim=2048, time_embed_dim=256)
+
+PRESETS = {"default": TINY, "alt": TINY_ALT, "mid": MID}
 
 # A small bilingual corpus for the tokenizer: words are combined deterministically
 # into sentences so that the model learns multi-character pieces in both scripts.

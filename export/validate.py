@@ -55,6 +55,11 @@ def check_signature(spec: S.EngineSpec, model) -> None:
 
 
 def run_ort(path: Path, feeds: dict, threads: int = 0) -> dict:
+    return run_ort_session(path, threads)(feeds)
+
+
+def run_ort_session(path: Path, threads: int = 0):
+    """One CPU session of the graph at ``path``, as a function of the feeds returning {output: array}."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -63,7 +68,7 @@ def run_ort(path: Path, feeds: dict, threads: int = 0) -> dict:
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds)))
+    return lambda feeds: dict(zip(names, session.run(names, feeds)))
 
 
 def compare(spec: S.EngineSpec, precision: str, ref: dict, got: dict, values: dict) -> tuple[float, float]:

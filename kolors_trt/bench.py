@@ -175,6 +175,7 @@ def bench_runtime(folder: Path, backend: str, config: BenchConfig, cuda_graph: O
     pipe.stage_timer = None
     facts = {
         "backend": pipe.backend,
+        "unet_precision": str(pipe.folder.entries["unet"].get("precision", "")),
         "cuda_graph": bool(getattr(unet, "cuda_graph", False)),
         "engine_bytes": {name: Path(path).stat().st_size for name, path in pipe.folder.files.items()},
         "stats": pipe.stats(),
@@ -352,7 +353,30 @@ def markdown(result: dict) -> str:
         + (f"; device memory {result['device_memory_mb']:.0f} MB" if result.get("device_memory_mb") else "")
         + "; engines " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in result["engine_bytes"].items()),
     ]
+    unet = result.get("unet_precision")
+    if unet in QDQ_PRECISIONS and env["backend"] == "onnxruntime":
+        lines += ["", QDQ_ON_ORT.format(unet=unet)]
+    compare = result.get("compare")
+    if compare:
+        a, b = mine["denoise_step"]["mean"], compare["summary"]["denoise_step"]["mean"]
+        lines += ["", f"UNet step: {unet} {a * 1e3:.2f} ms, {compare['unet_precision']} ({compare['folder']}) "
+                      f"{b * 1e3:.2f} ms: {b / a:.2f}x" + (f" ({QDQ_ON_ORT.format(unet=unet)})"
+                                                          if env["backend"] == "onnxruntime" else "")]
     return "\n".join(lines)
+
+
+# ONNX Runtime's CPU provider has no int8 kernels for an fp16 body and emulates FP8, so a Q/DQ
+# graph runs slower there than the fp16 graph; its time says nothing about TensorRT on a GPU.
+QDQ_PRECISIONS = ("int8", "fp8")
+QDQ_ON_ORT = ("the UNet is {unet} (Q/DQ): ONNX Runtime's timings of Q/DQ graphs are not indicative of GPU speed; "
+              "compare on TensorRT engines on a GPU (bench --engines ... --compare FP16_ENGINES)")
+
+
+def compare_unet(folder: Path, backend: str, config: BenchConfig, cuda_graph: Optional[bool]) -> dict:
+    """The same benchmark on a second folder (e.g. the fp16 engines beside int8 ones): its UNet step."""
+    samples, facts = bench_runtime(folder, backend, config, cuda_graph)
+    return {"folder": str(folder), "unet_precision": facts["unet_precision"], "samples": samples.values,
+            "summary": samples.summary(1)}
 
 
 def plot(result: dict, path: Path) -> None:

@@ -49,8 +49,9 @@ def _export(args) -> int:
     from kolors_trt.runtime.table import markdown_table
 
     precisions = resolve_precisions(args.precision, dict(args.component_precision or []))
+    cal = _calibration_args(args, precisions["unet"])
     results = export_all(Path(args.weights), Path(args.ip_adapter), Path(args.out), precisions,
-                         tuple(args.components or S.COMPONENTS), force=args.force)
+                         tuple(args.components or S.COMPONENTS), force=args.force, calibration=cal)
     if all(r.status == UP_TO_DATE for r in results):
         print(f"{args.out}: up to date (same checkpoint, precisions and export version; --force re-exports)")
         return 0
@@ -59,7 +60,43 @@ def _export(args) -> int:
     print(markdown_table(["component", "precision", "max abs err", "rel err", "export s", "validate s", "MB",
                           "peak RSS MB"], rows))
     print(f"validated {len(results)} graph(s) on ONNX Runtime against the fp32 PyTorch modules; wrote {args.out}")
+    if cal is not None:
+        _print_quantization(Path(args.out))
     return 0
+
+
+def _calibration_args(args, unet_precision: str):
+    """The UNet's calibration settings from the --calibration-* flags (None for an fp16/fp32 UNet)."""
+    given = [f for f in ("calibration_prompts", "calibration_count", "calibration_steps", "calibration_size",
+                         "calibration_batch") if getattr(args, f) is not None]
+    if unet_precision not in S.QUANTIZED_PRECISIONS:
+        if given:
+            from kolors_trt.export.calibration import CalibrationError
+
+            raise CalibrationError(f"export: --{given[0].replace('_', '-')} applies to a quantized UNet "
+                                   "(--component-precision unet=int8 or unet=fp8)")
+        return None
+    from kolors_trt.export.calibration import calibration
+
+    prompts = Path(args.calibration_prompts) if args.calibration_prompts else None
+    return calibration(unet_precision, prompts, args.calibration_count, args.calibration_steps,
+                       args.calibration_size, args.calibration_batch)
+
+
+def _print_quantization(out: Path) -> None:
+    import json
+
+    from kolors_trt.runtime.table import markdown_table
+
+    q = json.loads((out / "manifest.json").read_text())["components"]["unet"].get("quantization")
+    if not q:
+        return
+    e, c, t = q["error"], q["calibration"], q["tolerance"]
+    rows = [[q["mode"], q["recipe"]["quantized_layers"], f"{c['count']} x {c['steps']} @ {c['size'][0]}x{c['size'][1]}",
+             round(c["seconds"], 1), c["peak_rss_mb"], f"{e['max_rel_err']:.3g} (<= {t['max_rel_err']})",
+             f"{e['rms_rel_err']:.3g} (<= {t['rms_rel_err']})", f"{e['image_psnr_db']:.1f} (>= {t['min_psnr_db']})"]]
+    print(markdown_table(["unet", "layers", "calibration prompts x steps", "calibrate s", "peak RSS MB",
+                          "max rel err", "RMS rel err", "image PSNR dB vs fp16"], rows))
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -110,6 +147,8 @@ def _bench(args) -> int:
         dtype = args.baseline_dtype or ("fp32" if device == "cpu" else "fp16")
         baseline = B.bench_diffusers(Path(weights), Path(ip), config, device, dtype)
     result = B.report(config, samples, facts, baseline, B.environment(facts["backend"]))
+    if args.compare:
+        result["compare"] = B.compare_unet(Path(args.compare), args.backend, config, cuda_graph)
     print(B.markdown(result))
     B.write_outputs(result, args.json, args.plot)
     return 0
@@ -123,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tiny", help="write a tiny random-weight Kolors + IP-Adapter-Plus checkpoint")
     p.add_argument("out", help="output folder; gets kolors/ and ip/")
-    p.add_argument("--preset", default="default", choices=["default", "alt"], help="model sizes (default: default)")
+    p.add_argument("--preset", default="default", choices=["default", "alt", "mid"],
+                   help="model sizes (default: default; mid: a 435 M-parameter UNet of the real widths)")
     p.add_argument("--full-size", action="store_true",
                    help="the real Kolors sizes instead (random fp16 weights, ~19 GB on disk, streamed: little memory)")
     p.set_defaults(run=_tiny)
@@ -135,8 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp16", choices=S.PRECISIONS,
                    help="text encoder, image encoder and UNet precision (default fp16; the VAE stays fp32)")
     p.add_argument("--component-precision", action="append", type=_component_precision, metavar="NAME=P",
-                   help="per-component override, e.g. vae_decoder=fp16 or text_encoder=fp32 (repeatable)")
+                   help="per-component override, e.g. vae_decoder=fp16, text_encoder=fp32, or unet=int8 / unet=fp8 "
+                        "(8-bit UNet, calibrated; see below) (repeatable)")
     p.add_argument("--components", nargs="+", choices=S.COMPONENTS, help="export only these")
+    q = p.add_argument_group("8-bit UNet (--component-precision unet=int8|fp8; defaults: NVIDIA's SDXL recipe)")
+    q.add_argument("--calibration-prompts", metavar="FILE",
+                   help="calibration prompts, one a line (default: the built-in set, NVIDIA's SDXL calibration prompts)")
+    q.add_argument("--calibration-count", type=int, metavar="N", help="prompts to calibrate on (default: int8 32, fp8 128)")
+    q.add_argument("--calibration-steps", type=int, metavar="N", help="denoising steps per prompt (default 20)")
+    q.add_argument("--calibration-size", type=_size, metavar="HxW", help="image size (default 1024x1024)")
+    q.add_argument("--calibration-batch", type=int, metavar="N", help="prompts per pipeline call (default 2)")
     p.add_argument("--force", action="store_true",
                    help="export even when --out already holds these graphs of this checkpoint (default: skip, 'up to date')")
     p.set_defaults(run=_export)
@@ -169,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, metavar="N",
                    help="throughput instead of latency: N requests through generate_batch against the same N one at "
                         "a time, in the same run")
+    p.add_argument("--compare", metavar="FOLDER",
+                   help="also run FOLDER (e.g. fp16 engines beside int8/fp8 ones) and compare the UNet step times")
     p.add_argument("--json", help="write every raw sample, the environment and the configuration here")
     p.add_argument("--plot", help="write a PNG of per-stage time here")
     p.add_argument("--server", metavar="URL", help="load-test a running kolors-trt serve at URL instead (the folder "

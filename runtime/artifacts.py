@@ -32,7 +32,15 @@ from typing import Mapping, Optional
 from .hashing import sha256_file
 from .manifest import FolderError, ManifestError, atomic_path, contained, is_sha256, read_json_object, verify_files
 from .manifest import field as typed
-from .spec import COMPONENTS, ENGINE_FORMAT, EXPORT_FORMAT, EXPORT_VERSION, PRECISIONS, ModelDims, model_dims_from_json
+from .spec import (
+    COMPONENT_PRECISIONS,
+    COMPONENTS,
+    ENGINE_FORMAT,
+    EXPORT_FORMAT,
+    EXPORT_VERSION,
+    ModelDims,
+    model_dims_from_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +170,9 @@ def _component(root: Path, path: Path, m: Mapping, name: str) -> ExportComponent
     onnx = contained(root, typed(m, f"{key}.file", "string", path), f"{path}: {key}.file")
     sha = typed(m, f"{key}.sha256", "sha256", path)
     precision = typed(m, f"{key}.precision", "string", path)
-    if precision not in PRECISIONS:
-        raise ManifestError(f"{path}: field '{key}.precision' must be one of {PRECISIONS}, found {precision!r}")
+    if precision not in COMPONENT_PRECISIONS[name]:
+        raise ManifestError(f"{path}: field '{key}.precision' must be one of {COMPONENT_PRECISIONS[name]}, "
+                            f"found {precision!r}")
     data = data_sha = None
     if m["components"][name].get("external_data") is not None:
         data = contained(root, typed(m, f"{key}.external_data", "string", path), f"{path}: {key}.external_data")

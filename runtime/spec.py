@@ -25,6 +25,11 @@ from .errors import InputError
 
 COMPONENTS = ("text_encoder", "image_encoder", "unet", "vae_decoder")
 PRECISIONS = ("fp16", "fp32")
+# 8-bit UNets (Q/DQ graphs with an fp16 body, calibrated at export: export/quantize.py). The
+# other components stay fp16/fp32: the UNet runs once per step, they run once per request.
+QUANTIZED_PRECISIONS = ("int8", "fp8")
+COMPONENT_PRECISIONS = {"text_encoder": PRECISIONS, "image_encoder": PRECISIONS,
+                        "unet": PRECISIONS + QUANTIZED_PRECISIONS, "vae_decoder": PRECISIONS}
 DEFAULT_PRECISION = {"text_encoder": "fp16", "image_encoder": "fp16", "unet": "fp16", "vae_decoder": "fp32"}
 
 # Kolors' common sizes (height x width); the optimum of the default profile is the first.
