@@ -195,6 +195,7 @@ class _Step:
         values = {"unet_batch": 2 * n if do_cfg else n, "latent_height": latents.shape[2], "latent_width": latents.shape[3]}
         check_feeds(unet.spec, {**conditioning, "sample": np.empty((values["unet_batch"],) + latents.shape[1:], np.float32),
                                 "timestep": np.empty((1,), np.float32)})
+        self.values, self.context = values, unet.context  # a captured step gets a context of its own
         self.views = unet.set_shapes(values)
         for name, array in conditioning.items():  # constant for the whole loop
             self.views[name].copy_(torch.from_numpy(np.ascontiguousarray(array)))
@@ -229,7 +230,7 @@ class _Step:
             sample[n:].copy_(x)
         sample.div_(s["divisor"])
         v["timestep"].copy_(s["t"].reshape(1))
-        self.unet.enqueue()
+        self.unet.enqueue(self.context)
         eps = v["noise_pred"]
         if self.do_cfg:
             uncond, cond = eps[:n], eps[n:]
@@ -244,9 +245,9 @@ class _Step:
         x.copy_(x + ((x - pred) / sigma) * s["dt"])
 
 
-def _capturable(unet: TrtEngine) -> bool:
+def _capturable(unet: TrtEngine, context) -> bool:
     """IExecutionContext.is_stream_capturable where the installed TensorRT has it."""
-    check = getattr(unet.context, "is_stream_capturable", None)
+    check = getattr(context, "is_stream_capturable", None)
     return True if check is None else bool(check(unet.stream.cuda_stream))
 
 
@@ -254,30 +255,37 @@ def _step_and_graph(unet: TrtEngine, latents: np.ndarray, conditioning: Mapping[
                     guidance: np.ndarray, do_cfg: bool):
     """A loop state on the device and, with CUDA graphs, the step graph for its shape (captured once per shape)."""
     step = _Step(unet, latents, conditioning, scheduler, guidance, do_cfg)
-    graph = unet.graphs.get(step.key) if unet.cuda_graph else None
-    if unet.cuda_graph and graph is None and not _capturable(unet):
+    if not unet.cuda_graph:
+        return step, None
+    captured = unet.graphs.get(step.key)
+    if captured is None:
+        return _capture(unet, step)
+    graph, state = captured
+    state.x.copy_(step.x)  # the graph reads the tensors it captured: move the new request's state there
+    state.guidance.copy_(step.guidance)
+    state.tables = step.tables  # read by load(), outside the graph
+    return state, graph
+
+
+def _capture(unet: TrtEngine, step: _Step):
+    """Capture ``step``'s body as a CUDA graph on an execution context of its own, whose shapes never change."""
+    context = unet.new_context()
+    unet.set_shapes(step.values, context)
+    if not _capturable(unet, context):
         logger.warning("unet: this execution context cannot be captured on its stream; steps run without a CUDA graph")
         unet.cuda_graph = False
-    if unet.cuda_graph and graph is None:
-        # TensorRT needs one launch before capture (lazy initialisation); warm up on step 0's values
-        step.load(0)
-        saved = step.x.clone()
-        step.body()
-        step.x.copy_(saved)
-        graph = unet.device.CUDAGraph()
-        with unet.device.graph(graph, stream=unet.stream):
-            step.body()  # recorded, not run
-        step.x.copy_(saved)
-        unet.graphs[step.key] = (graph, step)
-        return step, graph
-    if graph is not None:
-        graph, captured = graph
-        captured.x.copy_(step.x)  # the graph reads the tensors it captured: move the state there
-        for k in step.tables:
-            captured.tables[k] = step.tables[k]
-        captured.guidance.copy_(step.guidance)
-        return captured, graph
-    return step, None
+        return step, None
+    step.context = context
+    # TensorRT needs one launch before capture (lazy initialisation); warm up on step 0's values
+    step.load(0)
+    saved = step.x.clone()
+    step.body()
+    step.x.copy_(saved)
+    graph = unet.device.CUDAGraph()
+    with unet.device.graph(graph, stream=unet.stream):
+        step.body()  # recorded, not run
+    unet.graphs[step.key] = (graph, step)
+    return step, graph
 
 
 def denoise_torch(unet: TrtEngine, latents: np.ndarray, conditioning: Mapping[str, np.ndarray], scheduler,
