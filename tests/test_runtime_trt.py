@@ -98,6 +98,11 @@ def test_cancellation_drops_rows_and_the_others_finish_alone(dynamic, ort):
     assert got[0].cancelled and not got[1].cancelled
     assert [s[0] for s in shapes] == [4, 2, 2]  # 2 images under CFG, then the survivor alone
     same_image(got[1], ort.generate_batch([batch[1]])[0])
+    before = dynamic.stats()["engine_runs"]
+    got = dynamic.generate_batch(batch, on_step=lambda *a: None, cancelled=lambda i: True)
+    assert all(g.cancelled for g in got)  # every request cancelled after step 0: the loop stops, no VAE
+    after = dynamic.stats()["engine_runs"]
+    assert after["unet"] - before["unet"] == 1 and after["vae_decoder"] == before["vae_decoder"]
 
 
 def test_a_static_profile_pads_and_replays_one_graph(standin_engines, trt_pipeline, trt_standin, ort):
@@ -120,6 +125,19 @@ def test_cuda_graphs_across_two_shapes_keep_each_graph_with_its_context(standin_
     for request in (a, b, a):
         same_image(pipe.generate_batch([request])[0], ort.generate_batch([request])[0])
     assert len(pipe.engines["unet"].graphs) == 2 and sum(g.replays for g in device.graphs) == 6
+
+
+def test_tensorrt_rtx_static_folders_use_its_own_cuda_graphs(standin_engines, trt_pipeline, trt_standin, ort):
+    """TensorRT-RTX captures its own launches (IRuntimeConfig.cuda_graph_strategy): no torch-level graph."""
+    rtx = trt_standin.module("tensorrt_rtx")
+    device = trt_standin.CpuDevice((12, 0))
+    pipe = trt_pipeline(standin_engines(STATIC, "tensorrt-rtx", compute_capabilities=("SM120",)), device=device)
+    unet = pipe.engines["unet"]
+    assert not unet.cuda_graph and unet.context.config.cuda_graph_strategy == rtx.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+    assert pipe.engines["vae_decoder"].context.config.cuda_graph_strategy == rtx.CudaGraphStrategy.DISABLED
+    request = GenerationRequest("a boat", image(8), None, 64, 96, 2, 5.0, 0.5, 44)
+    same_image(pipe.generate_batch([request])[0], ort.generate_batch([request])[0])
+    assert not device.graphs
 
 
 def test_without_stream_capture_the_steps_run_eagerly(standin_engines, trt_pipeline, trt_standin, ort, monkeypatch,

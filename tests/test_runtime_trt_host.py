@@ -173,3 +173,25 @@ def test_every_component_runs_on_its_own_plan(pipe):
     pipe.generate_batch([REQUEST])
     runs = {name: pipe.engines[name].engine.runs for name in COMPONENTS}
     assert runs["text_encoder"] >= 2 and runs["image_encoder"] >= 2 and runs["unet"] >= 2
+
+
+def test_a_damaged_or_foreign_plan_is_refused(folder, trt_standin, tmp_path):
+    import shutil
+
+    copy = tmp_path / "engines"
+    shutil.copytree(folder, copy)
+    (copy / "unet.plan").write_bytes((copy / "vae_decoder.plan").read_bytes())  # a plan of another graph
+    with pytest.raises(BackendError, match="unet.plan has tensors .*the spec expects"):
+        trt_standin.open_backend(read_folder(copy, verify=False))
+    (copy / "unet.plan").write_bytes(b"ftrt" + bytes(64))
+    with pytest.raises(BackendError, match="could not deserialize .*unet.plan"):
+        trt_standin.open_backend(read_folder(copy, verify=False))
+    (copy / "unet.plan").write_bytes(b"")
+    with pytest.raises(BackendError, match="unet.plan is empty"):
+        trt_standin.open_backend(read_folder(copy, verify=False))
+
+
+def test_the_production_device_is_torch_cuda():
+    from kolors_trt.runtime.device import cuda_device
+
+    assert cuda_device() is torch.cuda

@@ -77,9 +77,10 @@ class TorchUNet(TrtEngine):
                                        v["ip_tokens"], v["ip_scale"].reshape(-1, 1, 1, 1), torch))
 
 
-@pytest.mark.parametrize("guidance, steps, h, w", [([5.0], 4, 8, 12), ([7.5, 2.0], 3, 16, 8), ([1.0], 2, 8, 8),
-                                                ([0.5, 1.0], 2, 8, 16)])
-def test_gpu_loop_math_equals_numpy_loop(guidance, steps, h, w, trt_standin):
+@pytest.mark.parametrize("guidance, steps, h, w, kind", [
+    ([5.0], 4, 8, 12, "epsilon"), ([7.5, 2.0], 3, 16, 8, "epsilon"), ([1.0], 2, 8, 8, "epsilon"),
+    ([0.5, 1.0], 2, 8, 16, "epsilon"), ([5.0, 3.0], 3, 8, 12, "v_prediction"), ([4.0], 2, 8, 8, "sample")])
+def test_gpu_loop_math_equals_numpy_loop(guidance, steps, h, w, kind, trt_standin):
     n = len(guidance)
     rng = np.random.default_rng(n + steps)
     do_cfg = min(guidance) > 1
@@ -93,7 +94,8 @@ def test_gpu_loop_math_equals_numpy_loop(guidance, steps, h, w, trt_standin):
         "ip_scale": np.resize(np.array([0.6, 0.0, 1.2], np.float32), b),
     }
     latents = rng.standard_normal((n, 4, h, w)).astype(np.float32) * np.float32(14.6)
-    scheduler = EulerDiscreteScheduler(SchedulerConfig.from_dict(KOLORS_SCHEDULER), steps)
+    config = SchedulerConfig.from_dict({**KOLORS_SCHEDULER, "prediction_type": kind})
+    scheduler = EulerDiscreteScheduler(config, steps)
     want = OrtBackend({"unet": NumpyUNet(SPEC, Path("unet.onnx"))}).denoise(latents, cond, scheduler, guidance, do_cfg)
 
     step = _Step(TorchUNet(SPEC, trt_standin.CpuDevice()), latents, cond, scheduler, guidance, do_cfg)
