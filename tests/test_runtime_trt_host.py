@@ -195,3 +195,35 @@ def test_the_production_device_is_torch_cuda():
     from kolors_trt.runtime.device import cuda_device
 
     assert cuda_device() is torch.cuda
+
+
+FAKE_GPU = '''
+import sys
+
+import torch
+
+def pytest_configure(config):
+    # a GPU host as the gpu tests see it: CUDA available, an H100 (SM90), no data-center TensorRT
+    torch.cuda.is_available = lambda: True
+    torch.cuda.get_device_capability = lambda device=None: (9, 0)
+    sys.modules["tensorrt"] = None
+'''
+
+
+def test_gpu_tests_skip_without_tensorrt_and_where_rtx_has_no_plan(tmp_path):
+    """tests/test_runtime_gpu.py on a GPU host without `tensorrt`, on an H100: every test skips (with its
+    reason) before anything is exported or built, instead of failing or building an RTX plan the GPU refuses."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "fake_gpu.py").write_text(FAKE_GPU)
+    tests = Path(__file__).parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "fake_gpu", "-q", "-rs", "-n", "0", "-p", "no:cacheprovider",
+                          str(tests / "test_runtime_gpu.py")], cwd=tests.parent, env=env, capture_output=True,
+                         text=True, timeout=300)
+    out = run.stdout
+    assert run.returncode == 0 and "9 skipped" in out and "passed" not in out and "failed" not in out, out[-3000:]
+    assert "could not import 'tensorrt'" in out and "builds no plan for this GPU (SM90)" in out, out[-3000:]
