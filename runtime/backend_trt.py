@@ -161,7 +161,9 @@ class TrtBackend(Backend):
                                      cache=cache)
             engines[name] = TrtEngine(specs[name], folder.files[name], plans[name], make, device, stream,
                                       cuda_graph=unet_graphs and not rtx, jit_cache=cache)
-        weights = sum(weight_bytes(trt, plans[name], folder.files[name]) for name in COMPONENTS)
+            engines[name].weight_bytes = weight_bytes(trt, plans[name], folder.files[name])
+            engines[name].activation_bytes = int(plans[name].device_memory_size_v2)
+        weights = sum(e.weight_bytes for e in engines.values())
         backend_ = cls(engines, backend, memory, weights, cache)
         backend_.runtime = runtime  # deserialized engines are used while their runtime lives
         logger.info("%s: %.1f MB of weights, %.1f MB of shared activation memory, %.1f MB of I/O buffers", backend,

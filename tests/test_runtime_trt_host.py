@@ -227,3 +227,20 @@ def test_gpu_tests_skip_without_tensorrt_and_where_rtx_has_no_plan(tmp_path):
     out = run.stdout
     assert run.returncode == 0 and "9 skipped" in out and "passed" not in out and "failed" not in out, out[-3000:]
     assert "could not import 'tensorrt'" in out and "builds no plan for this GPU (SM90)" in out, out[-3000:]
+
+
+def test_generate_cli_keeps_the_rtx_runtime_cache(standin_engines, trt_standin, tmp_path, monkeypatch, capsys):
+    """`kolors-trt generate --engines DIR --runtime-cache FILE` on the stand-in (the CLI has no injection
+    parameter: the device and the trt module are swapped where the backend gets them)."""
+    from kolors_trt.cli import main
+    from kolors_trt.runtime import backend_trt, trt_plans
+
+    folder = standin_engines(PROFILE, "tensorrt-rtx", compute_capabilities=RTX_DEFAULT)
+    monkeypatch.setattr(backend_trt, "cuda_device", lambda: trt_standin.CpuDevice((8, 6)))
+    monkeypatch.setattr(trt_plans, "load_module", lambda backend: trt_standin.module(trt_standin.TRT_MODULES[backend]))
+    cache, out = tmp_path / "rtx.cache", tmp_path / "out.png"
+    argv = ["generate", "--engines", str(folder), "--prompt", "a fox", "--ip-scale", "0", "--out", str(out),
+            "--steps", "1", "--height", "64", "--width", "64", "--seed", "1", "--no-progress", "--runtime-cache",
+            str(cache)]
+    assert main(argv) == 0 and out.is_file() and cache.is_file()
+    assert "wrote" in capsys.readouterr().out
