@@ -58,17 +58,38 @@ def rtx_args():
     return build_args("tensorrt-rtx")
 
 
-@pytest.mark.parametrize("cuda_graph", [False, True])
-def test_static_engines_match_onnxruntime_across_requests(target_args, onnx_fp32, tmp_path, cuda_graph):
+STATIC = (1, 64, 96)
+
+
+@pytest.fixture(scope="session")
+def static_engines(target_args, onnx_fp32, tmp_path_factory):
+    """One static engine folder per target for the session (TensorRT builds take seconds each)."""
     from kolors_trt.engines.builder import build_engines
-    from kolors_trt.runtime.pipeline import Pipeline
     from kolors_trt.runtime.spec import Profile
 
-    engines = tmp_path / "engines"
-    build_engines(onnx_fp32, engines, profile=Profile.static(1, 64, 96), **target_args)
-    ort, pipe = Pipeline.load(onnx_fp32), Pipeline.load(engines, cuda_graph=cuda_graph)
+    engines = tmp_path_factory.mktemp("gpu-static") / "engines"
+    build_engines(onnx_fp32, engines, profile=Profile.static(*STATIC), **target_args)
+    return engines
+
+
+@pytest.fixture(scope="session")
+def dynamic_engines(target_args, onnx_fp32, tmp_path_factory):
+    from kolors_trt.engines.builder import build_engines
+    from kolors_trt.runtime.spec import DimRange, Profile
+
+    engines = tmp_path_factory.mktemp("gpu-dynamic") / "engines"
+    build_engines(onnx_fp32, engines, profile=Profile(DimRange(1, 1, 2), DimRange(64, 64, 128), DimRange(64, 96, 128)),
+                  **target_args)
+    return engines
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_static_engines_match_onnxruntime_across_requests(static_engines, onnx_fp32, cuda_graph):
+    from kolors_trt.runtime.pipeline import Pipeline
+
+    ort, pipe = Pipeline.load(onnx_fp32), Pipeline.load(static_engines, cuda_graph=cuda_graph)
     for prompt, seed, steps, guidance, image in REQUESTS:
-        args = dict(height=64, width=96, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
+        args = dict(height=STATIC[1], width=STATIC[2], num_inference_steps=steps, guidance_scale=guidance, seed=seed,
                     output_type="latent")
         _close(pipe.generate(prompt, _image(image), **args).latents,
                ort.generate(prompt, _image(image), **args).latents)
@@ -77,15 +98,10 @@ def test_static_engines_match_onnxruntime_across_requests(target_args, onnx_fp32
 
 
 @pytest.mark.parametrize("cuda_graph", [None, True])
-def test_dynamic_engines_change_shape_batch_and_guidance(target_args, onnx_fp32, tmp_path, cuda_graph):
-    from kolors_trt.engines.builder import build_engines
+def test_dynamic_engines_change_shape_batch_and_guidance(dynamic_engines, onnx_fp32, cuda_graph):
     from kolors_trt.runtime.pipeline import Pipeline
-    from kolors_trt.runtime.spec import DimRange, Profile
 
-    engines = tmp_path / "engines"
-    build_engines(onnx_fp32, engines, profile=Profile(DimRange(1, 1, 2), DimRange(64, 64, 128),
-                                                      DimRange(64, 96, 128)), **target_args)
-    ort, pipe = Pipeline.load(onnx_fp32), Pipeline.load(engines, cuda_graph=cuda_graph)
+    ort, pipe = Pipeline.load(onnx_fp32), Pipeline.load(dynamic_engines, cuda_graph=cuda_graph)
     for h, w, n, guidance in [(64, 96, 1, 5.0), (128, 64, 2, 5.0), (64, 64, 1, 1.0), (64, 96, 1, 5.0)]:
         args = dict(height=h, width=w, num_inference_steps=3, guidance_scale=guidance, seed=h + w,
                     num_images_per_prompt=n, output_type="latent")
@@ -98,8 +114,8 @@ def test_rtx_runtime_cache_is_written_and_read_back(rtx_args, onnx_fp32, tmp_pat
     from kolors_trt.runtime.spec import Profile
 
     engines, cache = tmp_path / "engines", tmp_path / "rtx.cache"
-    build_engines(onnx_fp32, engines, profile=Profile.static(1, 64, 96), **rtx_args)
-    args = dict(height=64, width=96, num_inference_steps=2, seed=1, output_type="latent")
+    build_engines(onnx_fp32, engines, profile=Profile.static(*STATIC), **rtx_args)
+    args = dict(height=STATIC[1], width=STATIC[2], num_inference_steps=2, seed=1, output_type="latent")
     first = Pipeline.load(engines, runtime_cache=cache).generate("a cat", _image(0), **args).latents
     assert cache.stat().st_size > 0
     second = Pipeline.load(engines, runtime_cache=cache).generate("a cat", _image(0), **args).latents
