@@ -94,6 +94,7 @@ class TrtEngine(Engine):
         """Set ``context``'s input shapes for ``values`` (once per change); return views of the buffers at them."""
         context = self.context if context is None else context
         if self._shapes.get(id(context)) != values:
+            self._shapes.pop(id(context), None)  # a refusal part-way leaves the context's shapes unknown
             for t in self.spec.inputs:
                 if not context.set_input_shape(t.name, shape_of(t, values)):
                     raise BackendError(f"{self.name}: set_input_shape({t.name}, {shape_of(t, values)}) was refused")

@@ -26,6 +26,7 @@ import weakref
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .errors import InputError
 from .folder import BackendError, ModelFolder
 from .manifest import write_bytes_atomic
 from .spec import COMPONENTS
@@ -121,6 +122,10 @@ def weight_bytes(trt, engine, plan: Path) -> int:
     return plan.stat().st_size
 
 
+class RuntimeCacheError(InputError):
+    """The --runtime-cache path cannot hold the cache file."""
+
+
 class DeviceMemory:
     """One device allocation of ``size`` bytes at a 256-byte aligned address: the activations of every context."""
 
@@ -138,6 +143,9 @@ class RuntimeCacheFile:
 
     def __init__(self, engine, path: Path):
         self.path = Path(path)
+        if self.path.is_dir() or not self.path.parent.is_dir():
+            problem = "is a folder" if self.path.is_dir() else "its folder does not exist"
+            raise RuntimeCacheError(f"--runtime-cache {self.path}: {problem}; give a file path in an existing folder")
         self.cache = engine.create_runtime_config().create_runtime_cache()
         self._state = {"dirty": False}  # kernels compiled since the last save; shared with the exit hook
         if self.path.is_file():
@@ -192,5 +200,5 @@ def new_context(trt, engine, memory: DeviceMemory, rtx: bool, runtime_graphs: bo
     return context
 
 
-__all__ = ["DeviceMemory", "RuntimeCacheFile", "check_host", "load_module", "new_context", "plan_serves", "read_plan",
+__all__ = ["DeviceMemory", "RuntimeCacheError", "RuntimeCacheFile", "check_host", "load_module", "new_context", "plan_serves", "read_plan",
            "weight_bytes"]

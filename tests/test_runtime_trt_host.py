@@ -136,6 +136,15 @@ def test_rtx_runtime_cache_survives_a_restart(standin_engines, trt_pipeline, tmp
     assert path.read_bytes().startswith(b'{"format"') and sorted(p.name for p in path.parent.iterdir()) == ["rtx.cache"]
 
 
+def test_a_runtime_cache_path_without_a_folder_is_refused_at_open(standin_engines, trt_pipeline, tmp_path):
+    from kolors_trt.runtime.errors import InputError
+
+    folder = standin_engines(PROFILE, "tensorrt-rtx", compute_capabilities=RTX_DEFAULT)
+    for path, message in [(tmp_path / "missing" / "rtx.cache", "its folder does not exist"), (tmp_path, "is a folder")]:
+        with pytest.raises(InputError, match=message):
+            trt_pipeline(folder, runtime_cache=path)
+
+
 def test_tensorrt_ignores_a_runtime_cache(folder, trt_pipeline, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         pipe = trt_pipeline(folder, runtime_cache=tmp_path / "x.cache")
