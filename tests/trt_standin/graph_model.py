@@ -3,12 +3,12 @@ shapes, and a model of the activation memory a TensorRT engine would ask for.
 
 ``activation_bytes`` is the peak, over the graph's nodes in order, of the bytes of intermediate
 tensors alive at once (an intermediate is alive from the node that makes it to the last node that
-reads it), with ONNX shape inference at the given input shapes. Graph inputs, outputs and weights are
-not counted: they are the caller's buffers and the engine's weights. It is a model, not TensorRT's
-planner: TensorRT fuses layers (attention among them: the scores of a fused attention are never
-stored) and adds scratch space for its kernels, so the real figure is smaller for attention-heavy
-graphs and may be larger for convolution-heavy ones. Tensors whose shape inference cannot resolve
-count zero.
+reads it), with ONNX Runtime's symbolic shape inference at the given input shapes. Graph inputs,
+outputs and weights are not counted: they are the caller's buffers and the engine's weights.
+Attention is counted as TensorRT runs it, fused: the score tensors between the MatMul of queries and
+keys and the Softmax (and the Softmax's output) are never stored. It is a model, not TensorRT's
+planner: TensorRT also fuses element-wise chains into their producers (less memory) and adds scratch
+space for its kernels (more).
 """
 
 from __future__ import annotations
@@ -55,14 +55,38 @@ def _bytes_per_element(elem_type: int) -> int:
     return helper.tensor_dtype_to_np_dtype(elem_type).itemsize
 
 
+def _fused_attention(nodes) -> set:
+    """Tensors a fused attention never stores: MatMul(q, k) [-> Mul/Div/Add/Where/Cast ...] -> Softmax, and the
+    Softmax's output."""
+    producer = {out: node for node in nodes for out in node.output}
+    consumers: dict = {}
+    for node in nodes:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    fused = set()
+    for node in nodes:
+        if node.op_type != "Softmax":
+            continue
+        fused.update(node.output)
+        name = node.input[0]
+        while name in producer and consumers.get(name) == 1:
+            made_by = producer[name]
+            if made_by.op_type not in ("MatMul", "Mul", "Div", "Add", "Where", "Cast"):
+                break
+            fused.add(name)
+            if made_by.op_type == "MatMul":
+                break
+            name = made_by.input[0]
+    return fused
+
+
 def activation_bytes(model, input_shapes: Mapping[str, tuple]) -> int:
     """The liveness model above for ``model`` (onnx.ModelProto) at ``input_shapes``, rounded up to 256 bytes."""
     import onnx
-    from onnx import shape_inference
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
-    del fixed.graph.initializer[:]  # shapes come from the graph's declarations; weights are not needed
     for inp in fixed.graph.input:
         shape = input_shapes.get(inp.name)
         if shape is None:
@@ -70,11 +94,10 @@ def activation_bytes(model, input_shapes: Mapping[str, tuple]) -> int:
         for dim, value in zip(inp.type.tensor_type.shape.dim, shape):
             dim.Clear()
             dim.dim_value = int(value)
-    for init in model.graph.initializer:  # keep their shapes known to inference without their data
-        fixed.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    inferred = shape_inference.infer_shapes(fixed, data_prop=True)
+    inferred = SymbolicShapeInference.infer_shapes(fixed, auto_merge=True)
+    nodes = list(model.graph.node)
     boundary = {v.name for v in model.graph.input} | {v.name for v in model.graph.output} \
-        | {i.name for i in model.graph.initializer}
+        | {i.name for i in model.graph.initializer} | _fused_attention(nodes)
     sizes = {}
     for info in inferred.graph.value_info:
         t = info.type.tensor_type
@@ -85,7 +108,6 @@ def activation_bytes(model, input_shapes: Mapping[str, tuple]) -> int:
         for d in dims:
             count *= d
         sizes[info.name] = count * _bytes_per_element(t.elem_type)
-    nodes = list(model.graph.node)
     last_use = {}
     for i, node in enumerate(nodes):
         for name in node.input:

@@ -248,6 +248,9 @@ class _PlanError(Exception):
     pass
 
 
+_ACTIVATIONS: dict = {}  # plan id -> device_memory_size_v2
+
+
 class ICudaEngine:
     def __init__(self, runtime: Runtime, data: bytes, source_kind: str):
         import onnxruntime as ort
@@ -312,9 +315,11 @@ class ICudaEngine:
 
         return onnx.load_from_string(self._data)
 
-    @functools.cached_property
+    @property
     def device_memory_size_v2(self) -> int:
-        return activation_bytes(self._model, {k: v[2] for k, v in self._profile.items()})
+        if self.plan_id not in _ACTIVATIONS:  # the same plan opened again: the same answer
+            _ACTIVATIONS[self.plan_id] = activation_bytes(self._model, {k: v[2] for k, v in self._profile.items()})
+        return _ACTIVATIONS[self.plan_id]
 
     def get_device_memory_size_for_profile_v2(self, profile_index: int) -> int:
         return self.device_memory_size_v2
