@@ -55,11 +55,12 @@ class TrtEngine(Engine):
     """One plan, its execution contexts and its preallocated device buffers."""
 
     def __init__(self, spec: EngineSpec, source: Path, engine, make_context, device, stream,
-                 cuda_graph: bool = False, jit_cache: Optional[RuntimeCacheFile] = None):
+                 cuda_graph: bool = False, jit_cache: Optional[RuntimeCacheFile] = None, weight_bytes: int = 0):
         super().__init__(spec, source)
         import torch
 
         self.engine, self.device, self.stream = engine, device, stream
+        self.weight_bytes, self.activation_bytes = weight_bytes, int(engine.device_memory_size_v2)
         self._make_context = make_context  # engine -> a context on the shared activation memory
         self.jit_cache = jit_cache
         # cuda_graph: denoise_torch captures whole steps (UNet + CFG + Euler), one graph and context per shape.
@@ -128,11 +129,12 @@ class TrtEngine(Engine):
 class TrtBackend(Backend):
     """TensorRT / TensorRT-RTX: plans on one stream, the denoising loop on the device."""
 
-    def __init__(self, engines: dict, name: str, memory: Optional[DeviceMemory] = None, weights: int = 0,
-                 jit_cache: Optional[RuntimeCacheFile] = None):
+    def __init__(self, engines: dict, name: str, memory: Optional[DeviceMemory] = None,
+                 jit_cache: Optional[RuntimeCacheFile] = None, runtime=None):
         super().__init__(engines)
         self.name = name
-        self.memory, self.weights, self.jit_cache = memory, weights, jit_cache
+        self.memory, self.jit_cache = memory, jit_cache
+        self.runtime = runtime  # deserialized engines are used while their runtime lives
 
     @classmethod
     def open(cls, folder: ModelFolder, backend: str, cuda_graph: Optional[bool] = None,
@@ -161,19 +163,16 @@ class TrtBackend(Backend):
             make = functools.partial(new_context, trt, memory=memory, rtx=rtx, runtime_graphs=unet_graphs and rtx,
                                      cache=cache)
             engines[name] = TrtEngine(specs[name], folder.files[name], plans[name], make, device, stream,
-                                      cuda_graph=unet_graphs and not rtx, jit_cache=cache)
-            engines[name].weight_bytes = weight_bytes(trt, plans[name], folder.files[name])
-            engines[name].activation_bytes = int(plans[name].device_memory_size_v2)
-        weights = sum(e.weight_bytes for e in engines.values())
-        backend_ = cls(engines, backend, memory, weights, cache)
-        backend_.runtime = runtime  # deserialized engines are used while their runtime lives
-        logger.info("%s: %.1f MB of weights, %.1f MB of shared activation memory, %.1f MB of I/O buffers", backend,
-                    weights / 1e6, memory.size / 1e6, sum(e.io_bytes for e in engines.values()) / 1e6)
-        return backend_
+                                      cuda_graph=unet_graphs and not rtx, jit_cache=cache,
+                                      weight_bytes=weight_bytes(trt, plans[name], folder.files[name]))
+        opened = cls(engines, backend, memory, cache, runtime)
+        logger.info("%s: %s bytes on the device", backend, opened.device_memory())
+        return opened
 
     def device_memory(self) -> dict:
         """Bytes on the device by kind: weights, the shared activations, the engines' I/O buffers."""
-        return {"weights": self.weights, "activations": self.memory.size if self.memory else 0,
+        return {"weights": sum(e.weight_bytes for e in self.engines.values()),
+                "activations": self.memory.size if self.memory else 0,
                 "io_buffers": sum(e.io_bytes for e in self.engines.values())}
 
     def batch_done(self) -> None:
