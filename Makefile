@@ -40,7 +40,7 @@ else
   NEED_TINY :=
 endif
 
-.PHONY: setup browser engines onnx test bench serve serve-ray clean help fullsize-check
+.PHONY: setup browser engines onnx test bench serve serve-ray clean help fullsize-check gpu-check
 
 help:
 	@echo "make engines   checkpoint (WEIGHTS, IP_ADAPTER; tiny default) -> $(OUT)/onnx -> $(OUT)/engines"
@@ -49,6 +49,7 @@ help:
 	@echo "make serve     serve $(OUT)/onnx (tiny default, exported if missing) on http://127.0.0.1:8000 (SERVE_ARGS)"
 	@echo "make serve-ray the same as $(REPLICAS) Ray Serve replicas on a local Ray instance (REPLICAS, SERVE_ARGS)"
 	@echo "make bench-gpu GPU hosts: TensorRT engines at 1024x1024, 50 steps, with/without CUDA graphs, vs diffusers"
+	@echo "make gpu-check GPU hosts, < 8 min: the gpu tests and the benchmark at 1024x1024 -> $(GPU_OUT)/check/gpu-check.json (ENGINES=dir)"
 	@echo "make fullsize-check  random weights at the real Kolors sizes -> export, validate, build; measured (FULLSIZE_DIR, ~60 GB)"
 
 setup: $(STAMP)
@@ -136,3 +137,15 @@ bench-gpu: $(STAMP)
 		--json $(GPU_OUT)/bench-static.json --plot $(GPU_OUT)/bench-static.png
 	$(KT) bench --engines $(GPU_OUT)/engines-dynamic --size 1024x1024 --steps 50 $(GPU_RUNS) \
 		--json $(GPU_OUT)/bench-dynamic.json --plot $(GPU_OUT)/bench-dynamic.png
+
+# GPU hosts: one run (at most GPU_CHECK_BUDGET seconds) that answers what the CPU-only machine could not:
+# the `gpu` tests (TensorRT and TensorRT-RTX backends against ONNX Runtime, CUDA graphs, the runtime cache)
+# and the benchmark at 1024x1024, 50 steps, with and without CUDA graphs, on ENGINES (e.g. the real model's
+# static folder from bench-gpu) or else on the tiny checkpoint built here. One report: $(GPU_OUT)/check/gpu-check.json
+#   make setup TORCH_SPEC=torch EXTRAS=export,test,tensorrt,tensorrt-rtx,bench
+#   make gpu-check [ENGINES=out/gpu/engines-static]
+ENGINES          ?=
+GPU_CHECK_BUDGET ?= 480
+
+gpu-check: $(STAMP)
+	$(BIN)/python -m kolors_trt.gpu_check --out $(GPU_OUT)/check --budget-s $(GPU_CHECK_BUDGET) $(if $(ENGINES),--engines $(ENGINES))

@@ -47,7 +47,7 @@ from kolors_trt.runtime.manifest import (
 from kolors_trt.runtime.spec import COMPONENTS, DEFAULT_PROFILE, EngineSpec, Profile, engine_specs, spec_hash, trt_profile
 from kolors_trt.runtime.trt_logger import trt_logger
 
-from .errors import EngineBuildError
+from .errors import EngineBuildError, TimingCacheError
 from .interrupt import progress_monitor, run_cancellable
 from .manifest import MANIFEST, cache_key, damaged_plans, new_engine_manifest, profile_json
 from .network import check_network, parse_onnx
@@ -273,15 +273,24 @@ def _configure(trt: ModuleType, tgt: Target, builder, config, network, spec: Eng
         config.set_flag(trt.BuilderFlag.REFIT)
     tgt.set_tf32(trt, config, opts.tf32)
     if timing_cache is not None:
-        # TensorRT only (Target.uses_timing_cache); not exercised on the CPU-only CI.
+        # TensorRT only (Target.uses_timing_cache); TensorRT-RTX makes these calls no-ops.
         blob = Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""
-        config.set_timing_cache(config.create_timing_cache(blob), ignore_mismatch=False)
+        cache = config.create_timing_cache(blob)
+        if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+            raise TimingCacheError(
+                f"engines: {spec.name}: {tgt.module} refused the timing cache {timing_cache} (written on another GPU or "
+                f"{tgt.module} version, or damaged); pass another --timing-cache path, or delete this one to start anew"
+            )
     dynamic = {network.get_input(i).name for i in range(network.num_inputs) if -1 in tuple(network.get_input(i).shape)}
     prof = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in trt_profile(spec).items():
-        if name in dynamic:
-            prof.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(prof)
+    shapes = {name: shapes for name, shapes in trt_profile(spec).items() if name in dynamic}
+    for name, (lo, opt, hi) in shapes.items():
+        prof.set_shape(name, lo, opt, hi)
+    if config.add_optimization_profile(prof) < 0:
+        raise EngineBuildError(
+            f"engines: {spec.name}: {tgt.module} refused the optimisation profile {shapes} (see its log above: every "
+            "input needs min <= opt <= max within the graph's fixed dims); rebuild with another --size/--batch"
+        )
 
 
 def _result(name: str, status: str, plan: Path, spec: EngineSpec, entry: dict) -> BuildResult:

@@ -7,7 +7,6 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
 
 from kolors_trt.runtime.spec import COMPONENTS, KOLORS_SIZES, DimRange, Profile, SpecError, parse_size
 
@@ -107,47 +106,25 @@ def print_summary(results, out=None) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    """Run `kolors-trt build`; 0 on success, 1 on a build error (printed), 2 on bad arguments."""
+    """Run `kolors-trt build`; 0 on success. Failures are typed (KolorsTrtError: bad arguments, a missing builder,
+    no GPU, a refused graph or profile) and reach the one handler of kolors_trt/cli.py: one line, exit 1."""
     from .builder import build_engines
-    from .errors import BuilderNotInstalled, EngineBuildError, NoGpuError, OnnxParseError
 
-    try:
-        profile = profile_from_args(args)
-    except SpecError as e:
-        print(f"kolors-trt build: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        results = build_engines(
-            onnx_dir=args.onnx,
-            out_dir=args.out,
-            target=args.target,
-            profile=profile,
-            components=args.components,
-            opt_level=args.opt_level,
-            timing_cache=args.timing_cache,
-            workspace_gib=args.workspace_gib,
-            refit_unet=args.refit,
-            force=args.force,
-            compute_capabilities=args.compute_capability,
-            drop_unsupported_targets=args.drop_unsupported_targets,
-        )
-    # Typed errors only (user input and environment); the ValueErrors include the
-    # spec's, the export folder's and the network check's.
-    except (ValueError, BuilderNotInstalled, NoGpuError, OnnxParseError, EngineBuildError) as e:
-        print(f"kolors-trt build: error: {e}", file=sys.stderr)
-        return 1
+    results = build_engines(
+        onnx_dir=args.onnx,
+        out_dir=args.out,
+        target=args.target,
+        profile=profile_from_args(args),
+        components=args.components,
+        opt_level=args.opt_level,
+        timing_cache=args.timing_cache,
+        workspace_gib=args.workspace_gib,
+        refit_unet=args.refit,
+        force=args.force,
+        compute_capabilities=args.compute_capability,
+        drop_unsupported_targets=args.drop_unsupported_targets,
+    )
     print_summary(results)
     if all(r.status == "up-to-date" for r in results):
         print(f"{args.out}: all engines up to date")
     return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Standalone entry (python -m kolors_trt.engines.cli) until the top-level CLI wires `build`."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = add_build_arguments(argparse.ArgumentParser(prog="kolors-trt build", description="build TensorRT engines"))
-    return run_build(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,7 +23,15 @@ class NetworkMismatchError(InputError):
 
 
 class EngineBuildError(ServiceError):
-    """The builder returned no plan."""
+    """The builder returned no plan, or refused the build's optimisation profile."""
+
+
+class TargetError(InputError):
+    """A target, compute capability or build option the chosen builder does not offer."""
+
+
+class TimingCacheError(InputError):
+    """A timing cache file TensorRT refuses (written on another GPU or TensorRT version)."""
 
 
 # EngineFolderError and ExportFolderError live with the folder readers, in kolors_trt.runtime.artifacts.

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Optional, Sequence
 
-from .errors import BuilderNotInstalled, NoGpuError
+from .errors import BuilderNotInstalled, NoGpuError, TargetError
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class Target:
         """Apply the requested compute capabilities (TensorRT-RTX only); return what the plan targets."""
         if not self.aot_on_cpu:
             if requested:
-                raise ValueError(
+                raise TargetError(
                     f"engines: target {self.name!r} builds for the local GPU only; --compute-capability "
                     "applies to --target tensorrt-rtx"
                 )
@@ -118,9 +118,11 @@ class Target:
             cc = getattr(trt.ComputeCapability, name, None)
             if cc is None:
                 known = [n for n in dir(trt.ComputeCapability) if n.startswith("SM")]
-                raise ValueError(f"engines: {trt.__name__} {trt.__version__} has no compute capability {name}; known: {known}")
+                raise TargetError(f"engines: {trt.__name__} {trt.__version__} has no compute capability {name}; "
+                                  f"choose from {known}")
             if not config.set_compute_capability(cc, i):
-                raise ValueError(f"engines: {trt.__name__} refused compute capability {name} at index {i}")
+                raise TargetError(f"engines: {trt.__name__} {trt.__version__} refused compute capability {name} (at "
+                                  f"index {i}); choose another --compute-capability")
         return names
 
     def set_tf32(self, trt: ModuleType, config, allowed: bool) -> bool:
@@ -149,7 +151,7 @@ def get_target(name: str) -> Target:
     try:
         return TARGETS[name]
     except KeyError:
-        raise ValueError(f"engines: unknown target {name!r}; choose one of {sorted(TARGETS)}") from None
+        raise TargetError(f"engines: unknown target {name!r}; choose one of {sorted(TARGETS)}") from None
 
 
 def default_target_name() -> str:
@@ -175,7 +177,8 @@ def normalize_compute_capability(text: str) -> str:
         major, minor = t.split(".", 1)
         t = major + minor
     if not t.isdigit():
-        raise ValueError(f"engines: compute capability {text!r} is not like 8.6 or SM86")
+        raise TargetError(f"engines: compute capability {text!r} is not like 8.6 or SM86; pass e.g. "
+                          "--compute-capability 8.9")
     return "SM" + t
 
 

@@ -132,14 +132,17 @@ def reference_images(count: int, seed: int = 0):
 
 
 def bench_runtime(folder: Path, backend: str, config: BenchConfig, cuda_graph: Optional[bool] = None,
-                  progress: bool = True) -> tuple[Samples, dict]:
+                  progress: bool = True, runtime_cache: Optional[Path] = None) -> tuple[Samples, dict]:
     """Measure the runtime; returns (samples, facts such as engine bytes and memory).
-    cuda_graph (TensorRT backends): None = when the engine profile is static."""
+    cuda_graph (TensorRT backends): None = when the engine profile is static. runtime_cache: TensorRT-RTX's
+    kernel cache file (the warm-up requests fill it)."""
     from tqdm import tqdm
 
     from kolors_trt.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(folder, backend=backend, cuda_graph=cuda_graph)
+    started = time.perf_counter()
+    pipe = Pipeline.load(folder, backend=backend, cuda_graph=cuda_graph, runtime_cache=runtime_cache)
+    load_seconds = time.perf_counter() - started
     unet = pipe.engines["unet"]
     clock = Clock(getattr(unet, "stream", None) if pipe.backend != "onnxruntime" else None)
     samples = Samples(clock.name)
@@ -178,6 +181,11 @@ def bench_runtime(folder: Path, backend: str, config: BenchConfig, cuda_graph: O
         "unet_precision": str(pipe.folder.entries["unet"].get("precision", "")),
         "cuda_graph": bool(getattr(unet, "cuda_graph", False)),
         "engine_bytes": {name: Path(path).stat().st_size for name, path in pipe.folder.files.items()},
+        "load_seconds": load_seconds,  # plans read, contexts made, constants computed
+        # TensorRT: each engine's weights and activation need (device_memory_size_v2); they share the largest
+        "engine_memory": {name: {"weights": getattr(e, "weight_bytes", None),
+                                 "activations": getattr(e, "activation_bytes", None)}
+                          for name, e in pipe.engines.items()} if pipe.backend != "onnxruntime" else None,
         "stats": pipe.stats(),
         "device_memory_mb": _device_memory_mb() if clock.stream is not None else None,
         "peak_rss_mb": _peak_rss_mb(),  # before a baseline loads its models into this process

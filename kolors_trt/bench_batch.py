@@ -22,7 +22,7 @@ MODES = ("one_at_a_time", "generate_batch")
 
 
 def bench_batch(folder: Path, backend: str, config: BenchConfig, batch: int, cuda_graph: Optional[bool] = None,
-                progress: bool = True) -> dict:
+                progress: bool = True, runtime_cache: Optional[Path] = None) -> dict:
     """Run ``config.warmup + config.runs`` rounds of both modes; returns samples, summaries and the ratio."""
     from tqdm import tqdm
 
@@ -30,7 +30,7 @@ def bench_batch(folder: Path, backend: str, config: BenchConfig, batch: int, cud
 
     if batch < 1:
         raise BenchError(f"bench: --batch must be >= 1, found {batch}")
-    pipe = Pipeline.load(folder, backend=backend, cuda_graph=cuda_graph)
+    pipe = Pipeline.load(folder, backend=backend, cuda_graph=cuda_graph, runtime_cache=runtime_cache)
     most = pipe.batch_limits(config.guidance_scale > 1)[1]
     if batch > most:
         raise BenchError(f"bench: --batch {batch} is more than one UNet batch of {pipe.folder.root} takes ({most} "

@@ -22,6 +22,7 @@ import threading
 from pathlib import Path
 
 from kolors_trt.runtime import spec as S
+from kolors_trt.runtime.cli import add_runtime_cache_argument
 
 
 def _tiny(args) -> int:
@@ -130,12 +131,13 @@ def _bench(args) -> int:
             raise B.BenchError("bench: --batch compares batched with one-at-a-time requests of kolors-trt; it takes "
                                "neither --baseline nor --plot")
 
-        result = bench_batch.bench_batch(folder, args.backend, config, args.batch, cuda_graph)
+        result = bench_batch.bench_batch(folder, args.backend, config, args.batch, cuda_graph,
+                                         runtime_cache=args.runtime_cache)
         result["environment"] = B.environment(result["backend"])
         print(bench_batch.markdown(result, result["environment"]))
         B.write_outputs(result, args.json, None)
         return 0
-    samples, facts = B.bench_runtime(folder, args.backend, config, cuda_graph)
+    samples, facts = B.bench_runtime(folder, args.backend, config, cuda_graph, runtime_cache=args.runtime_cache)
     baseline = None
     if args.baseline == "diffusers":
         source = manifest.get("source", {})
@@ -209,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=5, help="measured requests (default 5)")
     p.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto",
                    help="TensorRT: capture each denoising step in a CUDA graph (auto: when the profile is static)")
+    add_runtime_cache_argument(p)
     p.add_argument("--baseline", choices=["diffusers"], help="also run diffusers' KolorsPipeline on the same checkpoint")
     p.add_argument("--weights", help="checkpoint for the baseline (default: the manifest's source)")
     p.add_argument("--ip-adapter", help="IP-Adapter folder for the baseline (default: the manifest's source)")

@@ -37,6 +37,13 @@ def add_limit_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"export folders: most images per UNet batch (default {d.max_batch})")
 
 
+def add_runtime_cache_argument(p: argparse.ArgumentParser) -> None:
+    """--runtime-cache FILE: TensorRT-RTX's just-in-time kernels across runs (generate, bench)."""
+    p.add_argument("--runtime-cache", metavar="FILE", default=None,
+                   help="TensorRT-RTX: file keeping the kernels it compiles at run time, so a restart does not compile "
+                        "them again (read at start, written after the first request of each new shape)")
+
+
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--engines", metavar="DIR", help="engine folder (kolors-trt build)")
@@ -54,6 +61,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", type=int, default=1, help="images for the prompt (default 1)")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="default: onnxruntime for --onnx, the build target for --engines")
     p.add_argument("--cache-dir", default=None, help="folder caching IP tokens across runs (.npy per reference image)")
+    add_runtime_cache_argument(p)
     p.add_argument("--no-verify", action="store_true", help="skip hashing the graphs/plans against the manifest at load")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_limit_arguments(p)
@@ -82,7 +90,7 @@ def run_generate(args) -> int:
     folder = args.engines or args.onnx
     paths = output_paths(args.out, args.num_images)  # checked before the engines load and run
     pipe = Pipeline.load(folder, backend=args.backend, cache_dir=args.cache_dir, verify=not args.no_verify,
-                         limits=Limits(args.max_size, args.max_batch))
+                         limits=Limits(args.max_size, args.max_batch), runtime_cache=args.runtime_cache)
     result = pipe.generate(
         args.prompt,
         ip_adapter_image=args.image,
@@ -112,5 +120,5 @@ def add_subcommands(subparsers) -> None:
     p.set_defaults(run=run_generate)
 
 
-__all__ = ["OutputPathError", "add_generate_arguments", "add_limit_arguments", "add_subcommands", "output_paths",
-           "run_generate"]
+__all__ = ["OutputPathError", "add_generate_arguments", "add_limit_arguments", "add_runtime_cache_argument",
+           "add_subcommands", "output_paths", "run_generate"]

@@ -5,6 +5,8 @@
 
     Backend.engines  {component: Engine} for the four components
     Backend.denoise(latents, conditioning, scheduler, guidance, do_cfg, on_step) -> latents
+    Backend.device_memory() -> {kind: bytes} on a GPU backend (weights, activations, I/O buffers)
+    Backend.batch_done()     called after each batch (a GPU backend keeps its compiled kernels)
 
 A backend opens its engines and owns its denoising loop: ONNX Runtime runs the
 loop on the host in numpy (backend_ort.py), TensorRT keeps it on the GPU in torch
@@ -72,6 +74,13 @@ class Backend:
     def denoise(self, latents: np.ndarray, conditioning: Mapping[str, np.ndarray], scheduler, guidance: np.ndarray,
                 do_cfg: bool, on_step: Optional[StepCallback] = None) -> np.ndarray:
         raise NotImplementedError
+
+    def device_memory(self) -> dict:
+        """Device bytes by kind; empty for a host backend."""
+        return {}
+
+    def batch_done(self) -> None:
+        """Called by the pipeline after each batch; nothing to do for most backends."""
 
 
 def conditioning_rows(keep: Sequence[int], n: int, do_cfg: bool) -> list[int]:

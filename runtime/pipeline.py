@@ -112,24 +112,32 @@ class Pipeline:
     @classmethod
     def load(cls, folder: str | Path, backend: str = "auto", cache_dir: Optional[str | Path] = None,
              verify: bool = True, prompt_cache_items: int = DEFAULT_PROMPT_ITEMS, ip_cache_items: int = DEFAULT_IP_ITEMS,
-             cuda_graph: Optional[bool] = None, limits: Optional[Limits] = None) -> "Pipeline":
+             cuda_graph: Optional[bool] = None, limits: Optional[Limits] = None,
+             runtime_cache: Optional[str | Path] = None) -> "Pipeline":
         """Open an export folder (ONNX Runtime) or engine folder (TensorRT / TensorRT-RTX).
 
         backend: "auto" | "onnxruntime" | "tensorrt" | "tensorrt-rtx". cache_dir: a folder for IP tokens
         that survives restarts. verify: check every graph/plan against the manifest's sha256 (files unchanged
         since the last check are not re-hashed). cuda_graph (TensorRT only): capture each denoising step in a
         CUDA graph; None = when the engine profile is static. limits (export folders): the largest side and
-        batch accepted, default ``Limits()`` (engine folders take their build profile).
+        batch accepted, default ``Limits()`` (engine folders take their build profile). runtime_cache
+        (TensorRT-RTX only): a file keeping the kernels it compiles at run time across restarts.
         """
         model = read_folder(folder, verify=verify, limits=limits)
         name = resolve_backend(model, backend)
+        runner = open_backend(model, name, cuda_graph, None if runtime_cache is None else Path(runtime_cache))
+        return cls.on_backend(model, runner, cache_dir, prompt_cache_items, ip_cache_items)
+
+    @classmethod
+    def on_backend(cls, model: ModelFolder, runner: Backend, cache_dir: Optional[str | Path] = None,
+                   prompt_cache_items: int = DEFAULT_PROMPT_ITEMS, ip_cache_items: int = DEFAULT_IP_ITEMS) -> "Pipeline":
+        """A pipeline on a backend already open on ``model`` (``load`` opens one from the folder)."""
         tokenizer = ChatGLMTokenizer.from_file(model.root / "tokenizer", max_length=model.model_dims.text_length)
         scheduler_config = SchedulerConfig.from_file(model.root / "scheduler")
         clip = _clip_preprocess(model)
         dims = model.model_dims
         ip_cache = ArrayCache(ip_cache_items, cache_dir, shape=(1, dims.ip_tokens, dims.cross_attention_dim))
-        runner = open_backend(model, name, cuda_graph)
-        logger.info("loaded %s (%s) on %s", model.root, model.kind, name)
+        logger.info("loaded %s (%s) on %s", model.root, model.kind, runner.name)
         return cls(model, runner, tokenizer, scheduler_config, clip, ip_cache, prompt_cache_items)
 
     # ---- encoders ----------------------------------------------------------------------------
@@ -194,11 +202,12 @@ class Pipeline:
         return self.checker.batch_limits(do_cfg)
 
     def stats(self) -> dict:
-        """Engine runs per component and cache counters."""
+        """Engine runs per component, cache counters and (GPU backends) device bytes by kind."""
         return {
             "engine_runs": {name: e.runs for name, e in self.engines.items()},
             "prompt_cache": self.prompt_cache.stats.as_dict(),
             "ip_cache": self.ip_cache.stats.as_dict(),
+            "device_memory": self._runner.device_memory(),
         }
 
     def generate(self, prompt: str, ip_adapter_image: Optional[ImageSource] = None,
@@ -241,8 +250,11 @@ class Pipeline:
         results: list = [None] * len(jobs)
         for chunk in self._chunks(jobs):
             with self._lock:
-                for job, result in zip(chunk, self._run_chunk(chunk, progress, on_step, cancelled)):
-                    results[job.index] = result
+                try:
+                    for job, result in zip(chunk, self._run_chunk(chunk, progress, on_step, cancelled)):
+                        results[job.index] = result
+                finally:
+                    self._runner.batch_done()
         return results
 
     def _chunks(self, jobs: list) -> list[list]:

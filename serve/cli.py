@@ -36,7 +36,7 @@ import signal
 import threading
 import time
 
-from kolors_trt.runtime.cli import add_limit_arguments
+from kolors_trt.runtime.cli import add_limit_arguments, add_runtime_cache_argument
 from kolors_trt.runtime.folder import BACKENDS, Limits
 
 from .config import ConfigError, ServeConfig, read_api_key
@@ -77,6 +77,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="a file holding the API key every route but /health/* then needs as 'Authorization: Bearer' "
                         "(default: $KOLORS_TRT_API_KEY; neither: no key)")
     p.add_argument("--cache-dir", metavar="DIR", help="folder keeping reference images' IP tokens across restarts")
+    add_runtime_cache_argument(p)
     p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20,
                    help=f"request body limit in MiB (default {d.max_body_bytes / 2**20:g})")
     p.add_argument("--max-prompt-chars", type=int, default=d.max_prompt_chars,
@@ -121,7 +122,7 @@ def config_from_args(args, read_key: bool = True) -> ServeConfig:
     return ServeConfig(
         folder=args.engines or args.onnx, backend=args.backend, max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout_s,
-        drain_timeout_s=args.drain_timeout_s, cache_dir=args.cache_dir,
+        drain_timeout_s=args.drain_timeout_s, cache_dir=args.cache_dir, runtime_cache=args.runtime_cache,
         api_key=read_api_key(args.api_key_file) if read_key else None,
         max_body_bytes=int(args.max_body_mb * 2**20), max_prompt_chars=args.max_prompt_chars,
         model_id=args.model_name, verify=not args.no_verify, limits=Limits(args.max_size, args.max_batch),

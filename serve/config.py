@@ -36,6 +36,7 @@ class ServeConfig:
     timeout_s: float = 300.0  # per request, from arrival to answer; then 504
     drain_timeout_s: float = 30.0  # after SIGTERM: how long accepted requests may still run
     cache_dir: Optional[str] = None  # IP tokens of reference images, kept across restarts
+    runtime_cache: Optional[str] = None  # TensorRT-RTX's just-in-time kernels, kept across restarts
     api_key: Optional[str] = field(default=None, repr=False)  # Bearer token for every route but health
     max_body_bytes: int = 20 * 1024 * 1024
     max_prompt_chars: int = 4000  # the text encoder reads 256 tokens; this bounds the work to tokenize

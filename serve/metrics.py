@@ -47,18 +47,24 @@ class PipelineCollector:
             misses.add_metric([cache], counts["misses"])
         yield hits
         yield misses
-        yield from self._device_memory(pipe)
+        yield from self._device_memory(pipe, stats.get("device_memory") or {})
 
     @staticmethod
-    def _device_memory(pipe):
+    def _device_memory(pipe, plan: dict):
+        """The backend's own bytes by kind (weights, shared activations, I/O buffers) and the device's use."""
         torch = sys.modules.get("torch")  # imported by the TensorRT backends only; never imported here
-        if pipe.backend == "onnxruntime" or torch is None or not torch.cuda.is_available():
+        cuda = torch is not None and pipe.backend != "onnxruntime" and torch.cuda.is_available()
+        if not plan and not cuda:
             return
-        free, total = torch.cuda.mem_get_info()
-        family = GaugeMetricFamily("kolors_trt_device_memory_bytes", "GPU memory of the device", labels=["kind"])
-        family.add_metric(["used"], total - free)
-        family.add_metric(["total"], total)
-        family.add_metric(["torch_allocated"], torch.cuda.memory_allocated())
+        family = GaugeMetricFamily("kolors_trt_device_memory_bytes", "GPU memory: the engines' weights, their shared "
+                                   "activations and I/O buffers, and the device's use", labels=["kind"])
+        for kind, size in plan.items():
+            family.add_metric([kind], size)
+        if cuda:
+            free, total = torch.cuda.mem_get_info()
+            family.add_metric(["used"], total - free)
+            family.add_metric(["total"], total)
+            family.add_metric(["torch_allocated"], torch.cuda.memory_allocated())
         yield family
 
 

@@ -137,7 +137,7 @@ def settings_from_args(args: argparse.Namespace) -> dict:
         value = getattr(args, name, None)
         if value is None or value is False:
             continue
-        if name in ("engines", "onnx", "cache_dir", "api_key_file"):
+        if name in ("engines", "onnx", "cache_dir", "api_key_file", "runtime_cache"):
             value = os.path.abspath(value)
         settings[name] = value
     return settings

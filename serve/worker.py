@@ -209,7 +209,8 @@ class Worker:
         started = time.perf_counter()
         self.state = "loading"
         self.pipe = Pipeline.load(self.config.folder, backend=self.config.backend, cache_dir=self.config.cache_dir,
-                                  verify=self.config.verify, limits=self.config.limits)
+                                  verify=self.config.verify, limits=self.config.limits,
+                                  runtime_cache=self.config.runtime_cache)
         if self.config.max_batch_size is not None:
             most = max(self.pipe.batch_limits(True)[1], self.pipe.batch_limits(False)[1])
             if self.config.max_batch_size > most:

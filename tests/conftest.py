@@ -1,12 +1,25 @@
-"""Shared fixtures: tiny checkpoints of the real architectures and their exports.
+"""Shared fixtures: tiny checkpoints of the real architectures and their exports, and the TensorRT
+stand-in (tests/trt_standin) with engine folders and Pipelines on it.
 
 Session-scoped and built on demand: a test that needs an fp16 export of the
 alternative preset pays for it once per run.
+
+The TensorRT backend on the CPU (see tests/test_runtime_trt.py):
+
+    trt_standin                      the stand-in package (runtime.module, cuda.CpuDevice, open_backend)
+    standin_engines(profile, target="tensorrt", refit=False)
+                                     an engine folder of the fp32 export whose plans the stand-in reads
+                                     (built once per session and arguments)
+    trt_pipeline(folder, cuda_graph=None, device=None, runtime_cache=None)
+                                     a Pipeline whose backend is the real TrtBackend on the stand-in
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -72,16 +85,18 @@ def onnx_fp32(store):
     return store.export("default", "fp32")[0]
 
 
-def engine_folder(onnx_folder, out, profile, target: str = "tensorrt", plans: str = "onnx"):
+def engine_folder(onnx_folder, out, profile, target: str = "tensorrt", plans: str = "onnx", refit: bool = False,
+                  compute_capabilities=("SM89",)):
     """An engine folder for the runtime's checks without a GPU: the export folder's manifest data, a
     build profile, and as "plans" the ONNX graphs themselves (plans="onnx": a test opens them with
-    ONNX Runtime in place of TensorRT) or short fake plan bytes (plans="fake")."""
+    ONNX Runtime in place of TensorRT), the TensorRT stand-in's plans (plans="standin": the graphs
+    with their build profile; the UNet refittable with ``refit``) or short fake plan bytes (plans="fake")."""
     import json
     import shutil
 
     from kolors_trt.engines.manifest import new_engine_manifest, profile_json
     from kolors_trt.runtime.hashing import sha256_file
-    from kolors_trt.runtime.spec import engine_specs, model_dims_from_json, spec_hash
+    from kolors_trt.runtime.spec import engine_specs, model_dims_from_json, spec_hash, trt_profile
 
     export = json.loads((onnx_folder / "manifest.json").read_text())
     dims = model_dims_from_json(export["model_dims"])
@@ -95,20 +110,74 @@ def engine_folder(onnx_folder, out, profile, target: str = "tensorrt", plans: st
         plan = out / f"{name}.plan"
         if plans == "onnx":
             shutil.copy(onnx_folder / f"{name}.onnx", plan)
+        elif plans == "standin":
+            profile_shapes = {k: [list(s) for s in v] for k, v in trt_profile(specs[name]).items()}
+            plan.write_bytes(load_standin().build_plan((onnx_folder / f"{name}.onnx").read_bytes(), profile_shapes,
+                                                       module, refit and name == "unet"))
         else:
             plan.write_bytes(b"ftrt" + name.encode())
         manifest["engines"][name] = {
             "file": plan.name, "plan_sha256": sha256_file(plan), "plan_bytes": plan.stat().st_size,
             "precision": "fp32", "spec_hash": spec_hash(specs[name]), "cache_key": "0" * 32,
             "builder": {"name": module, "version": "0.0"}, "profile": profile_json(specs[name]),
-            "build_seconds": 0.0, "compute_capabilities": ["SM89"]}
+            "build_seconds": 0.0, "compute_capabilities": list(compute_capabilities)}
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 
 
+def load_standin():
+    """The tests/trt_standin package, loaded by path once (pytest imports tests in importlib mode)."""
+    if "trt_standin" not in sys.modules:
+        root = Path(__file__).with_name("trt_standin")
+        spec = importlib.util.spec_from_file_location("trt_standin", root / "__init__.py",
+                                                      submodule_search_locations=[str(root)])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["trt_standin"] = package
+        spec.loader.exec_module(package)
+    return sys.modules["trt_standin"]
+
+
+@pytest.fixture(scope="session")
+def trt_standin():
+    """The TensorRT and CUDA stand-in package (tests/trt_standin)."""
+    return load_standin()
+
+
+@pytest.fixture(scope="session")
+def standin_engines(onnx_fp32, tmp_path_factory):
+    """standin_engines(profile, target="tensorrt", refit=False) -> an engine folder of the fp32 export with the
+    stand-in's plans, built once per session and arguments. Treat it as read-only."""
+    built: dict = {}
+
+    def make(profile, target: str = "tensorrt", refit: bool = False, compute_capabilities=("SM89",)):
+        key = (profile, target, refit, tuple(compute_capabilities))
+        if key not in built:
+            out = tmp_path_factory.mktemp("standin-engines") / "engines"
+            built[key] = engine_folder(onnx_fp32, out, profile, target, plans="standin", refit=refit,
+                                       compute_capabilities=compute_capabilities)
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def trt_pipeline(trt_standin):
+    """trt_pipeline(folder, cuda_graph=None, device=None, runtime_cache=None) -> a Pipeline on the real TrtBackend
+    with the stand-in TensorRT module and a CPU device (trt_standin.CpuDevice() unless given)."""
+    from kolors_trt.runtime.folder import read_folder
+    from kolors_trt.runtime.pipeline import Pipeline
+
+    def open_pipeline(folder, cuda_graph=None, device=None, runtime_cache=None):
+        model = read_folder(folder)
+        backend = trt_standin.open_backend(model, device, cuda_graph, runtime_cache)
+        return Pipeline.on_backend(model, backend)
+
+    return open_pipeline
+
+
 @pytest.fixture(scope="session")
 def make_engine_folder():
-    """engine_folder(onnx_folder, out, profile, target="tensorrt", plans="onnx" | "fake")."""
+    """engine_folder(onnx_folder, out, profile, target="tensorrt", plans="onnx" | "standin" | "fake")."""
     return engine_folder
 
 

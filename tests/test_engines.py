@@ -228,6 +228,58 @@ def test_parsed_network_io_equals_the_spec(onnx_dir):
                     assert size == entry if isinstance(entry, int) else size == -1
 
 
+def _configure_vae(onnx_dir, monkeypatch, profile=None, config_wrapper=None, timing_cache=None):
+    """builder._configure on the real TensorRT-RTX builder and the VAE graph."""
+    import tensorrt_rtx as trt
+
+    from kolors_trt.engines import builder as B
+    from kolors_trt.engines.network import parse_onnx
+
+    logger = trt_logger(trt)
+    tb = trt.Builder(logger)
+    tgt = targets.get_target(RTX)
+    network, _parser = parse_onnx(trt, tb, tgt.network_flags(trt), onnx_dir / "vae_decoder.onnx", logger)
+    spec = engine_specs(DIMS, PROFILE)["vae_decoder"]
+    if profile is not None:
+        monkeypatch.setattr(B, "trt_profile", lambda spec: profile)
+    config = tb.create_builder_config()
+    opts = B._Options(None, None, False, True, ())
+    B._configure(trt, tgt, tb, config if config_wrapper is None else config_wrapper(config), network, spec, opts,
+                 timing_cache)
+    return config
+
+
+def test_a_refused_optimisation_profile_is_a_build_error(onnx_dir, monkeypatch):
+    from kolors_trt.engines.errors import EngineBuildError
+
+    _configure_vae(onnx_dir, monkeypatch)  # the spec's own profile is accepted
+    backwards = {"latents": ((1, 4, 16, 16), (1, 4, 8, 8), (1, 4, 4, 4))}  # max < min: TensorRT returns -1
+    with pytest.raises(EngineBuildError, match="vae_decoder: tensorrt_rtx refused the optimisation profile"):
+        _configure_vae(onnx_dir, monkeypatch, profile=backwards)
+
+
+def test_a_refused_timing_cache_is_a_typed_error(onnx_dir, monkeypatch, tmp_path):
+    """IBuilderConfig.set_timing_cache returns False for a cache of another GPU (TensorRT-RTX makes it a no-op
+    that returns True, so the refusal is played by a config that answers as TensorRT does)."""
+    from kolors_trt.engines.errors import TimingCacheError
+
+    class OtherGpuCache:
+        def __init__(self, config):
+            self.config = config
+
+        def __getattr__(self, name):
+            return getattr(self.config, name)
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            return False
+
+    path = tmp_path / "timing.cache"
+    path.write_bytes(b"from another GPU")
+    _configure_vae(onnx_dir, monkeypatch, timing_cache=path)  # accepted as it is
+    with pytest.raises(TimingCacheError, match="refused the timing cache .*timing.cache"):
+        _configure_vae(onnx_dir, monkeypatch, config_wrapper=OtherGpuCache, timing_cache=path)
+
+
 def test_static_build(onnx_dir, tmp_path):
     results = build_engines(onnx_dir, tmp_path / "static", target=RTX, profile=STATIC, components=["unet", "vae_decoder"])
     assert [r.status for r in results] == [BUILT, BUILT]
@@ -425,12 +477,30 @@ def test_cli_build_then_up_to_date(onnx_dir, tmp_path, capsys):
     assert "vae_decoder" in first and "built" in first and "static 1x4x32x32" in first
     assert run_build(_args(argv)) == 0
     assert "up-to-date" in capsys.readouterr().out
-    assert run_build(_args(base + ["--size", "250x256"])) == 1  # not a multiple of 32
-    assert "multiple of 32" in capsys.readouterr().err
-    assert run_build(_args(base + ["--size", "256x256", "--size", "512x512"])) == 2
-    assert "--static builds one shape" in capsys.readouterr().err
-    assert run_build(_args(["--onnx", str(tmp_path / "nowhere"), "--out", str(tmp_path / "e2"), "--target", RTX])) == 1
-    assert "manifest.json is missing" in capsys.readouterr().err
+    # every failure is typed and reaches the one CLI handler: one line on stderr, exit 1
+    from kolors_trt.cli import main
+
+    for argv, message in [(base + ["--size", "250x256"], "multiple of 32"),
+                          (base + ["--size", "256x256", "--size", "512x512"], "--static builds one shape"),
+                          (["--onnx", str(tmp_path / "nowhere"), "--out", str(tmp_path / "e2"), "--target", RTX],
+                           "manifest.json is missing"),
+                          (base + ["--size", "256x256", "--compute-capability", "eight"], "is not like 8.6")]:
+        assert main(["build", *argv]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("kolors-trt build: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_target_errors_are_typed():
+    from kolors_trt.engines.errors import TargetError
+    from kolors_trt.runtime.errors import InputError
+
+    with pytest.raises(TargetError, match="unknown target 'cuda'"):
+        targets.get_target("cuda")
+    with pytest.raises(TargetError, match="is not like 8.6"):
+        targets.normalize_compute_capability("sm_x")
+    with pytest.raises(TargetError, match="--compute-capability applies to --target tensorrt-rtx"):
+        targets.get_target("tensorrt").set_compute_capabilities(None, None, ["8.9"])
+    assert issubclass(TargetError, InputError)
 
 
 # ---- with the real exporter ---------------------------------------------------------------

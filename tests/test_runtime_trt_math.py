@@ -1,8 +1,9 @@
 """The GPU denoising loop's arithmetic (runtime/backend_trt.py `_Step`: CFG combine with
 one guidance scale per row and Euler update in torch on the engine's buffers) against
-the numpy loop that the ONNX Runtime backend runs and that matches diffusers. Runs on the CPU: a fake UNet
-computes the same function in torch (on the preallocated buffers, as TensorRT
-would) and in numpy. TensorRT itself is not involved."""
+the numpy loop that the ONNX Runtime backend runs and that matches diffusers. Runs on the CPU device of
+the stand-in (tests/trt_standin): a fake UNet computes the same function in torch (on the preallocated
+buffers, as TensorRT would) and in numpy. TensorRT itself is not involved (test_runtime_trt.py runs the
+loop on the TensorRT stand-in)."""
 
 from __future__ import annotations
 
@@ -41,29 +42,45 @@ class NumpyUNet(Engine):
                                        f["ip_tokens"], f["ip_scale"].reshape(-1, 1, 1, 1), np).astype(np.float32)}
 
 
+class FakeContext:
+    """An execution context that accepts every shape and address (the UNet below computes in torch)."""
+
+    def set_input_shape(self, name, shape):
+        return True
+
+    def set_tensor_address(self, name, address):
+        return True
+
+    def is_stream_capturable(self, stream):
+        return True
+
+
 class TorchUNet(TrtEngine):
-    """A stand-in for the UNet plan: TrtEngine's buffers and shape handling, with a torch function writing
-    noise_pred in place of the engine launch (on the CPU, or on a CUDA stream for the GPU test)."""
+    """A stand-in for the UNet plan: TrtEngine's buffers, contexts and shape handling, with a torch function
+    writing noise_pred in place of the engine launch (on the CPU device, or on a CUDA stream for the GPU test)."""
 
-    def __init__(self, spec, device="cpu", cuda_graph=False):
+    def __init__(self, spec, device, cuda_graph=False):
         Engine.__init__(self, spec, Path("unet.plan"))
-        self.context = types.SimpleNamespace(set_input_shape=lambda name, shape: True,
-                                             is_stream_capturable=lambda stream: True)
+        self.device, self.engine, self.jit_cache = device, None, None
+        self._make_context = lambda engine: FakeContext()
         largest = dim_values(spec, "max")
-        self.buffers = {t.name: torch.zeros(shape_of(t, largest), device=device) for t in spec.inputs + spec.outputs}
-        self.stream = torch.cuda.Stream() if device == "cuda" else None
-        self._values = None
+        self.buffers = {t.name: torch.zeros(shape_of(t, largest), device=device.current_device())
+                        for t in spec.inputs + spec.outputs}
+        self.stream = device.Stream()
+        self._shapes, self._seen = {}, set()
         self.cuda_graph, self.graphs = cuda_graph, {}
+        self.context = self.new_context()
 
-    def enqueue(self):
-        v = self.set_shapes(self._values)
+    def enqueue(self, context=None):
+        v = self.set_shapes(self._shapes[id(self.context if context is None else context)], context)
         v["noise_pred"].copy_(fake_eps(v["sample"], v["timestep"][0], v["encoder_hidden_states"], v["text_embeds"],
                                        v["ip_tokens"], v["ip_scale"].reshape(-1, 1, 1, 1), torch))
 
 
-@pytest.mark.parametrize("guidance, steps, h, w", [([5.0], 4, 8, 12), ([7.5, 2.0], 3, 16, 8), ([1.0], 2, 8, 8),
-                                                ([0.5, 1.0], 2, 8, 16)])
-def test_gpu_loop_math_equals_numpy_loop(guidance, steps, h, w):
+@pytest.mark.parametrize("guidance, steps, h, w, kind", [
+    ([5.0], 4, 8, 12, "epsilon"), ([7.5, 2.0], 3, 16, 8, "epsilon"), ([1.0], 2, 8, 8, "epsilon"),
+    ([0.5, 1.0], 2, 8, 16, "epsilon"), ([5.0, 3.0], 3, 8, 12, "v_prediction"), ([4.0], 2, 8, 8, "sample")])
+def test_gpu_loop_math_equals_numpy_loop(guidance, steps, h, w, kind, trt_standin):
     n = len(guidance)
     rng = np.random.default_rng(n + steps)
     do_cfg = min(guidance) > 1
@@ -77,10 +94,11 @@ def test_gpu_loop_math_equals_numpy_loop(guidance, steps, h, w):
         "ip_scale": np.resize(np.array([0.6, 0.0, 1.2], np.float32), b),
     }
     latents = rng.standard_normal((n, 4, h, w)).astype(np.float32) * np.float32(14.6)
-    scheduler = EulerDiscreteScheduler(SchedulerConfig.from_dict(KOLORS_SCHEDULER), steps)
+    config = SchedulerConfig.from_dict({**KOLORS_SCHEDULER, "prediction_type": kind})
+    scheduler = EulerDiscreteScheduler(config, steps)
     want = OrtBackend({"unet": NumpyUNet(SPEC, Path("unet.onnx"))}).denoise(latents, cond, scheduler, guidance, do_cfg)
 
-    step = _Step(TorchUNet(SPEC), latents.copy(), cond, scheduler, guidance, do_cfg)  # CPU tensors share memory
+    step = _Step(TorchUNet(SPEC, trt_standin.CpuDevice()), latents, cond, scheduler, guidance, do_cfg)
     for i in range(steps):
         step.load(i)
         step.body()
@@ -120,14 +138,14 @@ def test_numpy_loop_drops_rows_and_keeps_the_others_exact():
     assert backend.engines["unet"].runs == steps + steps + steps + 1
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("cuda_graph", [False, True])
-def test_cuda_loop_and_graph_replay_equal_the_numpy_loop(cuda_graph):
-    """On a GPU: denoise_torch (and its captured CUDA-graph step) with the torch stand-in UNet, across
-    requests that change batch, guidance and steps, and a request whose rows are dropped mid-loop."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_cuda_loop_and_graph_replay_equal_the_numpy_loop(cuda_graph, device, trt_standin):
+    """denoise_torch (and its captured CUDA-graph step) with the torch stand-in UNet, on a GPU and on the CPU
+    device, across requests that change batch, guidance and steps, and a request whose rows are dropped mid-loop."""
     from kolors_trt.runtime.backend_trt import denoise_torch
 
-    unet = TorchUNet(SPEC, device="cuda", cuda_graph=cuda_graph)
+    unet = TorchUNet(SPEC, torch.cuda if device == "cuda" else trt_standin.CpuDevice(), cuda_graph=cuda_graph)
     reference = OrtBackend({"unet": NumpyUNet(SPEC, Path("unet.onnx"))})
     rng = np.random.default_rng(7)
     for guidance, steps, h, w, drop in [([5.0], 4, 8, 12, None), ([7.5, 2.0], 3, 16, 8, None), ([5.0], 6, 8, 12, None),
