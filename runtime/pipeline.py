@@ -117,7 +117,7 @@ class Pipeline:
     def load(cls, folder: str | Path, backend: str = "auto", cache_dir: Optional[str | Path] = None,
              verify: bool = True, prompt_cache_items: int = DEFAULT_PROMPT_ITEMS, ip_cache_items: int = DEFAULT_IP_ITEMS,
              cuda_graph: Optional[bool] = None, limits: Optional[Limits] = None,
-             runtime_cache: Optional[str | Path] = None) -> "Pipeline":
+             runtime_cache: Optional[str | Path] = None, cache_max_bytes: Optional[int] = None) -> "Pipeline":
         """Open an export folder (ONNX Runtime) or engine folder (TensorRT / TensorRT-RTX).
 
         backend: "auto" | "onnxruntime" | "tensorrt" | "tensorrt-rtx". cache_dir: a folder for IP tokens
@@ -125,22 +125,25 @@ class Pipeline:
         since the last check are not re-hashed). cuda_graph (TensorRT only): capture each denoising step in a
         CUDA graph; None = when the engine profile is static. limits (export folders): the largest side and
         batch accepted, default ``Limits()`` (engine folders take their build profile). runtime_cache
-        (TensorRT-RTX only): a file keeping the kernels it compiles at run time across restarts.
+        (TensorRT-RTX only): a file keeping the kernels it compiles at run time across restarts. cache_max_bytes:
+        bound of cache_dir (least recently used files go first; None: no bound).
         """
         model = read_folder(folder, verify=verify, limits=limits)
         name = resolve_backend(model, backend)
         runner = open_backend(model, name, cuda_graph, None if runtime_cache is None else Path(runtime_cache))
-        return cls.on_backend(model, runner, cache_dir, prompt_cache_items, ip_cache_items)
+        return cls.on_backend(model, runner, cache_dir, prompt_cache_items, ip_cache_items, cache_max_bytes)
 
     @classmethod
     def on_backend(cls, model: ModelFolder, runner: Backend, cache_dir: Optional[str | Path] = None,
-                   prompt_cache_items: int = DEFAULT_PROMPT_ITEMS, ip_cache_items: int = DEFAULT_IP_ITEMS) -> "Pipeline":
+                   prompt_cache_items: int = DEFAULT_PROMPT_ITEMS, ip_cache_items: int = DEFAULT_IP_ITEMS,
+                   cache_max_bytes: Optional[int] = None) -> "Pipeline":
         """A pipeline on a backend already open on ``model`` (``load`` opens one from the folder)."""
         tokenizer = ChatGLMTokenizer.from_file(model.root / "tokenizer", max_length=model.model_dims.text_length)
         scheduler_config = SchedulerConfig.from_file(model.root / "scheduler")
         clip = _clip_preprocess(model)
         dims = model.model_dims
-        ip_cache = ArrayCache(ip_cache_items, cache_dir, shape=(1, dims.ip_tokens, dims.cross_attention_dim))
+        ip_cache = ArrayCache(ip_cache_items, cache_dir, shape=(1, dims.ip_tokens, dims.cross_attention_dim),
+                              max_bytes=cache_max_bytes)
         logger.info("loaded %s (%s) on %s", model.root, model.kind, runner.name)
         return cls(model, runner, tokenizer, scheduler_config, clip, ip_cache, prompt_cache_items)
 
