@@ -109,6 +109,15 @@ def _finite(name: str, value) -> float:
     return number
 
 
+def batch_limits(folder: ModelFolder, do_cfg: bool) -> tuple[int, int]:
+    """(fewest, most) images one UNet batch of ``folder`` takes with or without CFG: the UNet's profile (2 rows
+    per image under CFG) and the VAE's together. Fewer than the fewest are padded (static profiles)."""
+    specs = folder.specs
+    unet, vae = specs["unet"].dims["unet_batch"], specs["vae_decoder"].dims["batch"]
+    f = 2 if do_cfg else 1
+    return max(-(-unet.min // f), vae.min), min(unet.max // f, vae.max)
+
+
 class RequestChecker:
     """Checks requests against one model folder: sizes against its profile (or limits), steps against the
     scheduler, batch against the UNet and VAE profiles, images decoded and preprocessed."""
@@ -124,12 +133,8 @@ class RequestChecker:
         return self.clip([image])
 
     def batch_limits(self, do_cfg: bool) -> tuple[int, int]:
-        """(fewest, most) images one UNet batch takes with or without CFG: the UNet's and the VAE's
-        profiles together. Fewer than the fewest are padded (static profiles)."""
-        specs = self.folder.specs
-        unet, vae = specs["unet"].dims["unet_batch"], specs["vae_decoder"].dims["batch"]
-        f = 2 if do_cfg else 1
-        return max(-(-unet.min // f), vae.min), min(unet.max // f, vae.max)
+        """(fewest, most) images one UNet batch takes with or without CFG (``batch_limits``)."""
+        return batch_limits(self.folder, do_cfg)
 
     def _check_size(self, name: str, value, default) -> int:
         value = default if value is None else value
@@ -228,5 +233,5 @@ class RequestChecker:
     # ---- requests ----------------------------------------------------------------------------
 
 
-__all__ = ["CheckedRequest", "Generation", "GenerationRequest", "MAX_SEED", "OUTPUT_TYPES", "PipelineInputError",
+__all__ = ["CheckedRequest", "batch_limits", "Generation", "GenerationRequest", "MAX_SEED", "OUTPUT_TYPES", "PipelineInputError",
            "RequestChecker", "RequestStepCallback"]
