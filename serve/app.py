@@ -10,7 +10,7 @@ replica owns (``create_app(config, worker)``; the caller starts and stops it).
 Routes:
     GET  /health/live, /health/ready      no API key; ready is 503 until loaded and warmed up,
                                           while draining, after repeated failed batches, and
-                                          if the worker thread ended
+                                          if the worker thread ended (then live is 503 too)
     GET  /metrics                         Prometheus text
     GET  /v1/models, /v1/models/{id}      the loaded model, its profile, defaults, the sizes it offers (sizes.py)
                                           and batch ceilings
@@ -95,7 +95,8 @@ def create_app(config: ServeConfig, worker: Optional[Worker] = None) -> FastAPI:
 
     @app.get("/health/live")
     async def live():
-        return {"live": True}
+        ended = worker.state_now == "worker_ended"  # nothing but a restart brings it back: tell the supervisor
+        return JSONResponse({"live": not ended, "state": worker.state_now}, status_code=503 if ended else 200)
 
     @app.get("/health/ready")
     async def ready():

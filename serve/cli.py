@@ -6,10 +6,11 @@
     kolors-trt serve --ray --autoscale 1:4 --engines /models/engines --address auto
     kolors-trt serve --ray --engines /models/engines --write-config kolors.yaml   # for `serve deploy`
 
-The process-global parts live here, never in the app: uvicorn, and the SIGTERM
-drain. uvicorn's own SIGTERM handling closes the listening socket at once (new
-clients see "connection refused", not 503) and re-raises the signal after shutdown
-(exit status -15). DrainingServer instead: on the first SIGTERM/SIGINT the worker
+The process-global parts live here, never in the app: uvicorn (with the header
+timeout of transport.py and the app's own access log), and the SIGTERM drain; the
+settings and their flags live in config.py. uvicorn's own SIGTERM handling closes the
+listening socket at once (new clients see "connection refused", not 503) and re-raises
+the signal after shutdown (exit status -15). DrainingServer instead: on the first SIGTERM/SIGINT the worker
 stops taking work (/health/ready and new requests answer 503) while every accepted
 request runs to its answer; when none is left, or at --drain-timeout-s (the rest
 then get 503), uvicorn shuts down and the process exits 0. A second signal is

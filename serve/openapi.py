@@ -135,14 +135,17 @@ def build(app, routes, config, worker) -> dict:
         "properties": {"image": {"type": "string", "format": "binary"}}}}}}
     for path, methods in paths.items():
         for method, op in methods.items():
-            answers = {"200": {"description": "OK", "content": json_content(JSON_ANSWERS.get((path, method),
-                                                                                           {"type": "object"}))}}
+            if (path, method) in JSON_ANSWERS:
+                answers = {"200": {"description": "OK", "content": json_content(JSON_ANSWERS[path, method])}}
+            else:  # a route of its own kind (an HTML page, a new list): what FastAPI says of it
+                answers = {"200": op.get("responses", {}).get("200", {"description": "OK"})}
             if path in STREAMS:
                 answers["200"]["content"]["text/event-stream"] = {"schema": EVENT}
             if path == "/metrics":
                 answers["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
-            if path == "/health/ready":
-                answers["503"] = {"description": "not ready", "content": json_content(STATUS)}
+            if path.startswith("/health/"):
+                answers["503"] = {"description": "not ready (live: the worker thread ended)",
+                                  "content": json_content({"type": "object"})}
             statuses = ERRORS.get((path, method), ())
             if config.api_key is not None and not path.startswith("/health/"):
                 statuses = (401, *statuses)

@@ -57,7 +57,7 @@ concurrently = live.concurrently
 
 
 def test_a_full_queue_answers_429_at_once_and_loses_nothing(onnx_fp32):
-    server = live.LiveServer(onnx_fp32, "--max-queue", "1", "--max-batch-size", "1", "--max-wait-ms", "0",
+    server = live.LiveServer(onnx_fp32, "--max-queue", "1", "--max-batch", "1", "--max-wait-ms", "0",
                              env={"KOLORS_TRT_API_KEY": "key-from-env"}, key="key-from-env").start()
     try:
         client = server.openai(max_retries=0)
@@ -82,7 +82,7 @@ def test_a_full_queue_answers_429_at_once_and_loses_nothing(onnx_fp32):
 
 @pytest.fixture(scope="module")
 def deadline_server(onnx_fp32):
-    server = live.LiveServer(onnx_fp32, "--timeout-s", "2", "--max-batch-size", "1", "--max-wait-ms", "0").start()
+    server = live.LiveServer(onnx_fp32, "--timeout-s", "2", "--max-batch", "1", "--max-wait-ms", "0").start()
     yield server
     server.stop()
 
@@ -141,7 +141,7 @@ def test_a_queued_request_whose_client_left_never_runs(deadline_server):
 
 
 def test_sigterm_during_a_burst_answers_every_accepted_request_and_exits_0(onnx_fp32):
-    server = live.LiveServer(onnx_fp32, "--max-batch-size", "1", "--max-wait-ms", "0").start()
+    server = live.LiveServer(onnx_fp32, "--max-batch", "1", "--max-wait-ms", "0").start()
     try:
         bodies = [{"prompt": f"burst {i}", "size": "64x64", "num_inference_steps": 40, "seed": i} for i in range(5)]
         calls = [lambda b=b: httpx.post(f"{server.url}/v1/images/generations", json=b, timeout=60) for b in bodies]
@@ -163,7 +163,7 @@ def test_sigterm_during_a_burst_answers_every_accepted_request_and_exits_0(onnx_
 
 
 def test_the_drain_timeout_answers_what_is_left_with_503_and_exits_0(onnx_fp32):
-    server = live.LiveServer(onnx_fp32, "--max-batch-size", "1", "--max-wait-ms", "0", "--drain-timeout-s", "1",
+    server = live.LiveServer(onnx_fp32, "--max-batch", "1", "--max-wait-ms", "0", "--drain-timeout-s", "1",
                              "--timeout-s", "60").start()
     try:
         calls = [lambda s=s: httpx.post(f"{server.url}/v1/images/generations", json=dict(LONG, seed=s), timeout=30)
@@ -278,6 +278,7 @@ def test_a_worker_whose_thread_ended_is_not_ready_and_answers_what_it_held(onnx_
         assert until(lambda: not worker.alive, timeout=30)
         status = worker.status()
         assert status["ready"] is False and status["state"] == "worker_ended" and status["in_flight"] == 0
+        assert worker.state_now == "worker_ended"  # /health/live answers 503 on it
         with pytest.raises(UnavailableError, match="worker_ended"):
             worker.submit(Work(GENERATE, checked, done=lambda r, e: None), checked.key, 1)
     finally:
