@@ -258,7 +258,9 @@ def _serve_on_ray(args, ray_app, application, folder, started: float) -> int:
         told = ray_app.drain_replicas(signal_actor)
         print(f"draining: {'new requests get 503; ' if told else ''}the replicas answer what they hold (at most "
               "--drain-timeout-s), then stop", flush=True)
-        ray_app.stop_application(folder is not None, args.drain_timeout_s, verbose=bool(args.verbose))
+        drained = told and ray_app.wait_drained(signal_actor, args.drain_timeout_s)
+        ray_app.stop_application(folder is not None, 0.0 if told else args.drain_timeout_s, drained,
+                                 verbose=bool(args.verbose))
     finally:
         watch.set()  # ray.shutdown() ends gcs_server and raylet on purpose
         ray_app.stop_ray()

@@ -24,6 +24,10 @@ The rules for fields, stated once:
   ``num_inference_step``, ``seeds``): a misspelt knob is refused with a 400 naming the
   field it resembles, never silently dropped.
 
+A new request field (a sampler, a cache interval, a LoRA) is one typed, bounded line in
+``ImageParams`` (JSON and multipart parsing, the typo rule and the OpenAPI document follow
+from it) and its use in ``generation_request``.
+
 ``size`` is OpenAI's WIDTHxHEIGHT ("1152x896" is landscape); runtime.spec.parse_size
 reads the CLI's HEIGHTxWIDTH and is deliberately not used here.
 """

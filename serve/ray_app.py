@@ -22,9 +22,11 @@ How the server's limits become Ray's (``deployment_options``):
   down, ``serve.shutdown``, SIGTERM of ``kolors-trt serve --ray``) gets no new requests and
   answers the ones it holds for that long; then its Worker stops. On SIGTERM of
   ``kolors-trt serve --ray`` each replica first hears it at once through a small named actor
-  (``DrainSignal``: every replica keeps one call to it pending) and answers new requests with
-  the server's own 503 while Ray switches the route to the ``Draining`` stand-in, which takes
-  seconds to start.
+  (``DrainSignal``: every replica keeps one call to it pending), answers new requests with the
+  server's own 503 while it finishes what it holds, and reports when it is done; then the
+  application stops. Only when a replica cannot be told, or is not done within
+  ``--drain-timeout-s``, does Ray's route move to the ``Draining`` stand-in (503 too, once
+  its replica has started: seconds) while Ray stops the replicas gracefully.
 - ``check_health`` is the Worker's readiness: it fails when loading failed or when the worker
   reports not-ready after repeated failed batches (it probes to recover; three failed checks
   in a row, ``HEALTH_CHECK_PERIOD_S`` apart, and Ray replaces the replica). It never fails
@@ -246,10 +248,12 @@ async def wait_loaded(worker: Worker, timeout_s: float) -> None:
 
 
 class DrainSignal:
-    """The driver's word to every replica: each keeps one ``wait`` pending; ``drain`` (SIGTERM) answers them all."""
+    """The driver's word to every replica: each keeps one ``wait`` pending; ``drain`` (SIGTERM) answers them all.
+    Each replica then reports when it has answered everything it held (``idle``)."""
 
     def __init__(self):
         self.event = asyncio.Event()
+        self.idle_replicas: set = set()
 
     async def wait(self) -> bool:
         await self.event.wait()
@@ -257,6 +261,12 @@ class DrainSignal:
 
     async def drain(self) -> None:
         self.event.set()
+
+    async def idle(self, replica: str) -> None:
+        self.idle_replicas.add(replica)
+
+    async def idle_count(self) -> int:
+        return len(self.idle_replicas)
 
 
 def drain_signal():
@@ -267,8 +277,9 @@ def drain_signal():
                                                       get_if_exists=True).remote()
 
 
-async def watch_drain(worker: Worker) -> None:
-    """In a replica: begin the worker's drain when the command that runs the application is told to stop."""
+async def watch_drain(worker: Worker, replica: str) -> None:
+    """In a replica: begin the worker's drain when the command that runs the application is told to stop, and
+    report when everything accepted is answered."""
     import ray
     from ray.exceptions import RayError
 
@@ -278,9 +289,12 @@ async def watch_drain(worker: Worker) -> None:
         return  # deployed without `kolors-trt serve --ray`: Ray's own graceful shutdown only
     try:
         await signal_actor.wait.remote()
+        worker.begin_drain()
+        while not worker.idle:
+            await asyncio.sleep(SHUTDOWN_WAIT_LOOP_S)
+        await signal_actor.idle.remote(replica)
     except RayError:
-        return  # the command ended without a drain
-    worker.begin_drain()
+        return  # the command ended
 
 
 @serve.deployment(name=DEPLOYMENT_NAME)
@@ -293,11 +307,11 @@ class KolorsServer:
         self.config = dataclasses.replace(config, api_key=read_api_key(api_key_file))
         self.worker = Worker(self.config).start()
         await wait_loaded(self.worker, LOAD_TIMEOUT_S)
-        self.drain_watch = asyncio.ensure_future(watch_drain(self.worker))
         if self.config.access_log:
             logging.getLogger("kolors_trt.serve.access").setLevel(logging.INFO)
         context = serve.get_replica_context()
         self.name = f"{context.deployment}#{context.replica_id.unique_id}"
+        self.drain_watch = asyncio.ensure_future(watch_drain(self.worker, self.name))
         logger.info("replica %s (pid %d) ready in %.2f s", self.name, os.getpid(), self.worker.startup_seconds)
 
     async def __serve_build_asgi_app__(self):
@@ -407,13 +421,37 @@ def drain_replicas(signal_actor) -> bool:
     return True
 
 
-def stop_application(started_ray: bool, drain_timeout_s: float, verbose: bool = False) -> None:
-    """Stop the replicas, each answering what it holds first (at most ``drain_timeout_s``); new requests get 503
-    meanwhile (from the replicas once drain_replicas() told them, then from the Draining stand-in). Then all of
-    Serve on an instance we started, only our application on a cluster we joined."""
+def wait_drained(signal_actor, timeout_s: float) -> bool:
+    """Until every replica told by drain_replicas() has answered what it held; False past ``timeout_s``."""
+    import ray
+    from ray.exceptions import RayError
+
+    replicas, end = len(replica_actors()), time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            if ray.get(signal_actor.idle_count.remote(), timeout=SIGNAL_TIMEOUT_S) >= replicas:
+                return True
+        except RayError as err:
+            logger.warning("could not hear from the replicas (%s)", err)
+            return False
+        time.sleep(SHUTDOWN_WAIT_LOOP_S)
+    return False
+
+
+def stop_application(started_ray: bool, drain_timeout_s: float, drained: bool = False, verbose: bool = False) -> None:
+    """Stop the application: all of Serve on an instance we started, only our application on a cluster we joined.
+    ``drained`` (wait_drained()): the replicas answered everything already and went on answering 503, so they stop
+    at once. Otherwise each answers what it holds first (at most ``drain_timeout_s``) while the Draining stand-in
+    answers new requests with 503."""
+    if drained:
+        if started_ray:
+            serve.shutdown()
+        else:
+            serve.delete(APP_NAME)
+        return
     # serve.shutdown() alone stops the proxies at once, cutting the connections of requests still running.
     # Redeploying the application as Draining makes Ray stop the old replicas gracefully while it routes new
-    # requests to the 503 answer.
+    # requests to the 503 answer (once its replica runs: seconds).
     from ray.exceptions import RayError
     from ray.serve.exceptions import RayServeException
 
@@ -463,6 +501,6 @@ def write_serve_config(path: str, settings: dict, host: str, port: int) -> None:
     write_bytes_atomic(path, text.encode())
 
 
-__all__ = ["APP_NAME", "DrainSignal", "KolorsServer", "drain_replicas", "drain_signal", "RayServeError", "ReplicaHeader", "app_builder", "deployment_options",
+__all__ = ["APP_NAME", "DrainSignal", "KolorsServer", "drain_replicas", "drain_signal", "wait_drained", "RayServeError", "ReplicaHeader", "app_builder", "deployment_options",
            "parse_autoscale", "parse_settings", "run_application", "serve_config", "settings_from_args", "start_ray",
            "stop_application", "stop_ray", "write_serve_config"]
