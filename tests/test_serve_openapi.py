@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 KEY = "sk-openapi-test-0123"
 EXAMPLES = 3  # per operation and phase
-MAX_TIME_S = 90  # schemathesis' own budget for the run (60-100 s on 2 loaded cores)
+MAX_TIME_S = 60  # schemathesis' own budget for the run: its fuzzing phase stops there on a loaded machine
 # An upload is schema-valid as any bytes (format: binary) but only an image is usable: the documented 422.
 CONFIG = """
 [[operations]]
