@@ -18,6 +18,12 @@ is recomputed and the file rewritten. Each file is written under a temporary nam
 unique to its writer and renamed into place (manifest.atomic_path), so threads and
 processes sharing a folder never read half a file.
 
+The folder can be bounded (``max_bytes``): after each write the oldest files go
+first, by last use (a disk hit refreshes the file's mtime), until the ``.npy``
+files fit. The folder is read at each write, so processes sharing it (a server's
+replicas) keep it bounded together; a server whose clients upload references
+cannot grow it without bound.
+
 Both caches lock themselves: one Pipeline may serve several threads.
 """
 
@@ -54,9 +60,11 @@ class CacheStats:
     disk_hits: int = 0
     misses: int = 0
     stores: int = 0
+    evictions: int = 0  # files deleted to keep the folder within its bound
 
     def as_dict(self) -> dict:
-        return {"hits": self.hits, "disk_hits": self.disk_hits, "misses": self.misses, "stores": self.stores}
+        return {"hits": self.hits, "disk_hits": self.disk_hits, "misses": self.misses, "stores": self.stores,
+                "evictions": self.evictions}
 
 
 class LRUCache:
@@ -130,12 +138,16 @@ def content_key(namespace: str, array: np.ndarray) -> str:
 
 class ArrayCache:
     """Memory LRU of float32 arrays by string key, backed by ``folder/{key}.npy`` when a folder is given.
-    ``shape``: the shape every value has (files of another shape are discarded)."""
+    ``shape``: the shape every value has (files of another shape are discarded). ``max_bytes``: the most the
+    folder's files may hold (None: no bound); the least recently used go first."""
 
     def __init__(self, max_items: int = DEFAULT_IP_ITEMS, folder: Optional[str | Path] = None,
-                 shape: Optional[tuple] = None):
+                 shape: Optional[tuple] = None, max_bytes: Optional[int] = None):
+        if max_bytes is not None and max_bytes < 0:
+            raise CacheError(f"cache: max_bytes must be >= 0, found {max_bytes}")
         self.memory = LRUCache(max_items)
         self.shape = None if shape is None else tuple(shape)
+        self.max_bytes = max_bytes
         self.folder = Path(folder) if folder is not None else None
         if self.folder is not None:
             try:
@@ -192,6 +204,8 @@ class ArrayCache:
         if self.folder is not None and self._path(key).is_file():
             value = self._load(self._path(key))
             if value is not None:
+                with contextlib.suppress(OSError):  # last use: the bound evicts by mtime
+                    os.utime(self._path(key))
                 self.memory.count("disk_hits")
                 self.memory.insert(key, value)
                 return value
@@ -208,6 +222,30 @@ class ArrayCache:
                 np.save(tmp, np.ascontiguousarray(value), allow_pickle=False)
         except OSError as err:
             logger.warning("cache: cannot write %s (%s); keeping the value in memory only", path, err)
+            return
+        if self.max_bytes is not None:
+            self._evict(keep=path)
+
+    def _evict(self, keep: Path) -> None:
+        """Delete the least recently used files (oldest mtime) until the folder's ``.npy`` files fit max_bytes;
+        ``keep`` (the file just written) stays."""
+        files = []
+        with contextlib.suppress(OSError), os.scandir(self.folder) as entries:
+            for entry in entries:
+                if entry.name.endswith(".npy"):
+                    with contextlib.suppress(OSError):  # another process may delete it meanwhile
+                        info = entry.stat(follow_symlinks=False)
+                        files.append((info.st_mtime_ns, entry.name, info.st_size))
+        total = sum(size for _, _, size in files)
+        for _, name, size in sorted(files):
+            if total <= self.max_bytes:
+                break
+            if name == keep.name:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                (self.folder / name).unlink()
+                self.memory.count("evictions")
+            total -= size
 
 
 __all__ = ["ArrayCache", "CacheError", "CacheStats", "LRUCache", "content_key", "DEFAULT_IP_ITEMS", "DEFAULT_PROMPT_ITEMS"]

@@ -1,6 +1,6 @@
 """The interface between the pipeline and a backend.
 
-    Engine.run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]
+    Engine.run(feeds: dict[str, np.ndarray], finite=True) -> dict[str, np.ndarray]
     Engine.runs      how many times it ran (tests prove cache hits and early stops with it)
 
     Backend.engines  {component: Engine} for the four components
@@ -20,7 +20,7 @@ function returning the current latents (a GPU backend copies them to the host on
 when asked). ``on_step`` returns None to go on with every row, a list of the row
 indices to keep (the loop drops the others from the batch, with their
 conditioning rows), or an empty list to stop. The loop returns the latents of the
-rows still kept.
+rows still kept, finite or not: the pipeline checks them per request.
 """
 
 from __future__ import annotations
@@ -49,13 +49,16 @@ class Engine:
     def name(self) -> str:
         return self.spec.name
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Check the feeds against the spec, run, check the outputs are finite."""
+    def run(self, feeds: Mapping[str, np.ndarray], finite: bool = True) -> dict[str, np.ndarray]:
+        """Check the feeds against the spec, run, check the outputs are finite. ``finite=False`` leaves that
+        check to the caller: the denoising loops, whose rows belong to several requests, and the pipeline
+        checks each request's rows (one request's overflow fails that request, not its batch)."""
         values = check_feeds(self.spec, feeds)
         self.runs += 1
         outputs = self._execute(feeds, values)
-        for name, value in outputs.items():
-            check_finite(self.name, name, value)
+        if finite:
+            for name, value in outputs.items():
+                check_finite(self.name, name, value)
         return outputs
 
     def _execute(self, feeds: Mapping[str, np.ndarray], values: Mapping[str, int]) -> dict[str, np.ndarray]:

@@ -31,6 +31,9 @@ into one UNet call per step, up to the engine profile's batch; each row keeps it
 own prompt and negative embeddings, IP tokens, IP scale (a per-row UNet input),
 guidance scale (a per-row CFG combine) and seed (diffusers' per-generator noise),
 so a batched request gives its solo result. ``generate`` is the one-request case.
+A request fails alone: its rows are checked for NaN/Inf on their own (the loops
+leave that check to the pipeline), so one request's overflow, or a prompt the
+tokenizer refuses, fails that request (``Generation.error``) and not its batch.
 
 Threads. A Pipeline may be called from several threads: the engine work of each
 call (encoders, denoising, VAE) runs under one lock, because the engines share one
@@ -57,7 +60,8 @@ from .cache import DEFAULT_IP_ITEMS, DEFAULT_PROMPT_ITEMS, ArrayCache, LRUCache,
 from .engine import Backend
 from .folder import Limits, ModelFolder, read_folder, resolve_backend
 from .noise import torch_randn
-from .postprocess import denormalize, to_pil, to_uint8
+from .errors import InputError
+from .postprocess import NonFiniteError, denormalize, non_finite_rows, to_pil, to_uint8
 from .preprocess import ClipPreprocess, ImageSource, PreprocessConfigError
 from .request import (
     OUTPUT_TYPES,
@@ -113,7 +117,7 @@ class Pipeline:
     def load(cls, folder: str | Path, backend: str = "auto", cache_dir: Optional[str | Path] = None,
              verify: bool = True, prompt_cache_items: int = DEFAULT_PROMPT_ITEMS, ip_cache_items: int = DEFAULT_IP_ITEMS,
              cuda_graph: Optional[bool] = None, limits: Optional[Limits] = None,
-             runtime_cache: Optional[str | Path] = None) -> "Pipeline":
+             runtime_cache: Optional[str | Path] = None, cache_max_bytes: Optional[int] = None) -> "Pipeline":
         """Open an export folder (ONNX Runtime) or engine folder (TensorRT / TensorRT-RTX).
 
         backend: "auto" | "onnxruntime" | "tensorrt" | "tensorrt-rtx". cache_dir: a folder for IP tokens
@@ -121,22 +125,25 @@ class Pipeline:
         since the last check are not re-hashed). cuda_graph (TensorRT only): capture each denoising step in a
         CUDA graph; None = when the engine profile is static. limits (export folders): the largest side and
         batch accepted, default ``Limits()`` (engine folders take their build profile). runtime_cache
-        (TensorRT-RTX only): a file keeping the kernels it compiles at run time across restarts.
+        (TensorRT-RTX only): a file keeping the kernels it compiles at run time across restarts. cache_max_bytes:
+        bound of cache_dir (least recently used files go first; None: no bound).
         """
         model = read_folder(folder, verify=verify, limits=limits)
         name = resolve_backend(model, backend)
         runner = open_backend(model, name, cuda_graph, None if runtime_cache is None else Path(runtime_cache))
-        return cls.on_backend(model, runner, cache_dir, prompt_cache_items, ip_cache_items)
+        return cls.on_backend(model, runner, cache_dir, prompt_cache_items, ip_cache_items, cache_max_bytes)
 
     @classmethod
     def on_backend(cls, model: ModelFolder, runner: Backend, cache_dir: Optional[str | Path] = None,
-                   prompt_cache_items: int = DEFAULT_PROMPT_ITEMS, ip_cache_items: int = DEFAULT_IP_ITEMS) -> "Pipeline":
+                   prompt_cache_items: int = DEFAULT_PROMPT_ITEMS, ip_cache_items: int = DEFAULT_IP_ITEMS,
+                   cache_max_bytes: Optional[int] = None) -> "Pipeline":
         """A pipeline on a backend already open on ``model`` (``load`` opens one from the folder)."""
         tokenizer = ChatGLMTokenizer.from_file(model.root / "tokenizer", max_length=model.model_dims.text_length)
         scheduler_config = SchedulerConfig.from_file(model.root / "scheduler")
         clip = _clip_preprocess(model)
         dims = model.model_dims
-        ip_cache = ArrayCache(ip_cache_items, cache_dir, shape=(1, dims.ip_tokens, dims.cross_attention_dim))
+        ip_cache = ArrayCache(ip_cache_items, cache_dir, shape=(1, dims.ip_tokens, dims.cross_attention_dim),
+                              max_bytes=cache_max_bytes)
         logger.info("loaded %s (%s) on %s", model.root, model.kind, runner.name)
         return cls(model, runner, tokenizer, scheduler_config, clip, ip_cache, prompt_cache_items)
 
@@ -222,7 +229,10 @@ class Pipeline:
         request = GenerationRequest(prompt, ip_adapter_image, negative_prompt, height, width, num_inference_steps,
                                     guidance_scale, ip_adapter_scale, seed, num_images_per_prompt, ip_adapter_tokens,
                                     latents, output_type)
-        return self.generate_batch([request], progress=progress)[0]
+        result = self.generate_batch([request], progress=progress)[0]
+        if result.error is not None:
+            raise result.error
+        return result
 
     def __call__(self, *args, **kwargs):
         """diffusers-style call: ``generate(...)``'s images only (a list of PIL images for output_type "pil")."""
@@ -244,6 +254,10 @@ class Pipeline:
         running (index into ``requests``). cancelled(index) is asked between steps: a cancelled request's
         rows leave the batch (where the profile allows a smaller batch) and it gets a Generation with
         ``cancelled`` True; when every request of a batch is cancelled its loop stops.
+
+        A request that fails alone gets a Generation with its ``error`` while the rest of its batch finishes:
+        rows that are not finite after an encoder, the denoising loop or the VAE (NonFiniteError), a prompt the
+        tokenizer refuses (a CheckedRequest made past the checks). An engine failure raises, failing every request.
         """
         jobs = [dataclasses.replace(r, index=i) if isinstance(r, CheckedRequest) else self.check(r, i)
                 for i, r in enumerate(requests)]
@@ -251,11 +265,26 @@ class Pipeline:
         for chunk in self._chunks(jobs):
             with self._lock:
                 try:
-                    for job, result in zip(chunk, self._run_chunk(chunk, progress, on_step, cancelled)):
+                    for job, result in zip(chunk, self._run_isolated(chunk, progress, on_step, cancelled)):
                         results[job.index] = result
                 finally:
                     self._runner.batch_done()
         return results
+
+    def _run_isolated(self, chunk: list, progress: bool, on_step, cancelled) -> list[Generation]:
+        """``_run_chunk``; when one request's own encoding fails inside it (a prompt the tokenizer refuses, an
+        encoder output that is not finite: the encoders run before any UNet step), the requests of the chunk run
+        one by one, so only that request fails (its error in its Generation)."""
+        with self._lock:
+            try:
+                return self._run_chunk(chunk, progress, on_step, cancelled)
+            except (InputError, NonFiniteError) as err:
+                if len(chunk) == 1:
+                    logger.warning("request %d failed alone: %s", chunk[0].index, err)
+                    return [Generation(None, None, self._parameters(chunk[0]), error=err)]
+                logger.warning("a batch of %d requests failed on one request's input (%s); running them one by one",
+                               len(chunk), err)
+            return [result for job in chunk for result in self._run_isolated([job], progress, on_step, cancelled)]
 
     def _chunks(self, jobs: list) -> list[list]:
         """Jobs grouped by key (first-come order of the groups), each group cut into UNet batches."""
@@ -354,9 +383,12 @@ class Pipeline:
         finally:
             bar.close()
 
-        # ---- VAE and results ----
+        # ---- VAE and results: each request's rows checked on their own ----
         live = [job for job in chunk if job.index not in dead]
         where = {job.index: [k for k, row in enumerate(alive) if owners[row] == job.index] for job in live}
+        failed = non_finite_rows("unet", "latents (denoising loop)", {job.index: final[where[job.index]] for job in live}
+                             if len(final) else {})
+        live = [job for job in live if job.index not in failed]
         images = {}
         if live and len(final):
             order = [k for job in live for k in where[job.index]]
@@ -364,20 +396,22 @@ class Pipeline:
             vae_min = self.engines["vae_decoder"].spec.dims["batch"].min
             if len(decode) < vae_min:  # static profile: pad, then drop
                 decode = np.concatenate([decode, np.repeat(decode[-1:], vae_min - len(decode), axis=0)])
-            decoded = self.decode(decode)[: len(order)] if any(j.output_type != "latent" for j in live) else None
+            decoded = None
+            if any(j.output_type != "latent" for j in live):
+                with self._stage("vae_decoder"):
+                    decoded = self._decode(decode, finite=False)[: len(order)]
             start = 0
             for job in live:
                 part = slice(start, start + job.n)
                 start += job.n
                 images[job.index] = (final[where[job.index]], None if decoded is None else decoded[part])
+            failed.update(non_finite_rows("vae_decoder", "image", {i: d for i, (_, d) in images.items() if d is not None}))
         results = []
         for job in chunk:
-            parameters = {
-                "prompt": job.prompt, "negative_prompt": "" if job.negative_prompt is None else job.negative_prompt,
-                "seed": job.seed, "height": height, "width": width, "num_inference_steps": steps,
-                "guidance_scale": job.guidance, "ip_adapter_scale": job.ip_scale, "num_images_per_prompt": job.n,
-                "backend": self.backend, "model": str(self.folder.root),
-            }
+            parameters = self._parameters(job)
+            if job.index in failed:
+                results.append(Generation(None, None, parameters, error=failed[job.index]))
+                continue
             if job.index not in images:
                 results.append(Generation(None, None, parameters, cancelled=True))
                 continue
@@ -390,17 +424,27 @@ class Pipeline:
                 results.append(Generation(to_pil(to_uint8(decoded)), latents, parameters))
         return results
 
+    def _parameters(self, job: CheckedRequest) -> dict:
+        """What made a request's result (Generation.parameters)."""
+        return {
+            "prompt": job.prompt, "negative_prompt": "" if job.negative_prompt is None else job.negative_prompt,
+            "seed": job.seed, "height": job.height, "width": job.width, "num_inference_steps": job.steps,
+            "guidance_scale": job.guidance, "ip_adapter_scale": job.ip_scale, "num_images_per_prompt": job.n,
+            "backend": self.backend, "model": str(self.folder.root),
+        }
+
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Final latents -> VAE output float32 [B, 3, H, W] in about [-1, 1]."""
         with self._lock, self._stage("vae_decoder"):
             return self._decode(latents)
 
-    def _decode(self, latents: np.ndarray) -> np.ndarray:
+    def _decode(self, latents: np.ndarray, finite: bool = True) -> np.ndarray:
         scaled = latents / np.float32(self.runtime["vae_scaling_factor"])
         shift = self.runtime.get("vae_shift_factor")
         if shift is not None:
             scaled = scaled + np.float32(shift)
-        return self.engines["vae_decoder"].run({"latents": scaled.astype(np.float32)})["image"]
+        return self.engines["vae_decoder"].run({"latents": scaled.astype(np.float32)}, finite=finite)["image"]
+
 
 
 def _clip_preprocess(folder: ModelFolder) -> ClipPreprocess:

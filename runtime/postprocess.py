@@ -40,6 +40,22 @@ def check_finite(stage: str, name: str, array: np.ndarray) -> None:
     )
 
 
+def non_finite_rows(stage: str, name: str, rows: dict) -> dict:
+    """{request index: NonFiniteError} for the requests whose arrays (``rows``: index -> array) hold NaN or Inf:
+    a batch's rows belong to several requests, and each fails on its own."""
+    failed = {}
+    for index, array in rows.items():
+        if np.isfinite(array).all():
+            continue
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        failed[index] = NonFiniteError(
+            f"{stage}: the {name} of request {index} {tuple(array.shape)} have {bad} NaN/Inf values; this request "
+            "failed alone (the others of its batch went on): extreme settings (guidance_scale, ip_adapter_scale) "
+            f"or an fp16 overflow in {stage}; retry with milder settings, or rebuild {stage} at fp32 and compare")
+        logger.warning("%s", failed[index])
+    return failed
+
+
 def denormalize(images: np.ndarray) -> np.ndarray:
     """[-1, 1] -> [0, 1], float32 (diffusers: ``(x / 2 + 0.5).clamp(0, 1)``)."""
     x = np.asarray(images, dtype=np.float32)
@@ -94,6 +110,7 @@ def read_png_parameters(path: str | Path) -> dict:
 __all__ = [
     "NonFiniteError",
     "check_finite",
+    "non_finite_rows",
     "denormalize",
     "to_uint8",
     "to_pil",

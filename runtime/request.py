@@ -14,10 +14,11 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, KolorsTrtError
 from .folder import ModelFolder
 from .preprocess import ClipPreprocess, ImageSource
 from .scheduler import EulerDiscreteScheduler, SchedulerConfig
+from .tokenizer import check_text
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 MAX_SEED = 2**64
@@ -53,12 +54,16 @@ class GenerationRequest:
 @dataclass
 class Generation:
     """One request's result: images (per output_type), the final latents, and what made them.
-    A request stopped by ``cancelled`` has ``cancelled`` True and neither images nor latents."""
+    A request stopped by ``cancelled`` has ``cancelled`` True and neither images nor latents; one that failed
+    alone has its ``error``."""
 
     images: object  # list of PIL images, float [B, H, W, 3] in [0, 1] ("np") or the latents ("latent")
     latents: Optional[np.ndarray]  # [B, C, H/8, W/8] before 1/vae_scaling_factor
     parameters: dict = field(default_factory=dict)
     cancelled: bool = False
+    # the request failed alone while its batch went on (its rows were not finite, its prompt could not be
+    # tokenized); images and latents are None. generate() raises it.
+    error: Optional[KolorsTrtError] = None
 
 
 @dataclass
@@ -104,6 +109,15 @@ def _finite(name: str, value) -> float:
     return number
 
 
+def batch_limits(folder: ModelFolder, do_cfg: bool) -> tuple[int, int]:
+    """(fewest, most) images one UNet batch of ``folder`` takes with or without CFG: the UNet's profile (2 rows
+    per image under CFG) and the VAE's together. Fewer than the fewest are padded (static profiles)."""
+    specs = folder.specs
+    unet, vae = specs["unet"].dims["unet_batch"], specs["vae_decoder"].dims["batch"]
+    f = 2 if do_cfg else 1
+    return max(-(-unet.min // f), vae.min), min(unet.max // f, vae.max)
+
+
 class RequestChecker:
     """Checks requests against one model folder: sizes against its profile (or limits), steps against the
     scheduler, batch against the UNet and VAE profiles, images decoded and preprocessed."""
@@ -119,12 +133,8 @@ class RequestChecker:
         return self.clip([image])
 
     def batch_limits(self, do_cfg: bool) -> tuple[int, int]:
-        """(fewest, most) images one UNet batch takes with or without CFG: the UNet's and the VAE's
-        profiles together. Fewer than the fewest are padded (static profiles)."""
-        specs = self.folder.specs
-        unet, vae = specs["unet"].dims["unet_batch"], specs["vae_decoder"].dims["batch"]
-        f = 2 if do_cfg else 1
-        return max(-(-unet.min // f), vae.min), min(unet.max // f, vae.max)
+        """(fewest, most) images one UNet batch takes with or without CFG (``batch_limits``)."""
+        return batch_limits(self.folder, do_cfg)
 
     def _check_size(self, name: str, value, default) -> int:
         value = default if value is None else value
@@ -170,6 +180,9 @@ class RequestChecker:
         if r.negative_prompt is not None and not isinstance(r.negative_prompt, str):
             raise PipelineInputError(
                 f"pipeline: negative_prompt must be a string or None, found {type(r.negative_prompt).__name__}")
+        for name in ("prompt", "negative_prompt"):  # what the tokenizer would refuse inside a batch
+            if getattr(r, name) is not None:
+                check_text(f"pipeline: {name}", getattr(r, name), PipelineInputError)
         if r.output_type not in OUTPUT_TYPES:
             raise PipelineInputError(f"pipeline: output_type {r.output_type!r} is not one of {OUTPUT_TYPES}")
         height = self._check_size("height", r.height, d.get("height"))
@@ -220,5 +233,5 @@ class RequestChecker:
     # ---- requests ----------------------------------------------------------------------------
 
 
-__all__ = ["CheckedRequest", "Generation", "GenerationRequest", "MAX_SEED", "OUTPUT_TYPES", "PipelineInputError",
+__all__ = ["CheckedRequest", "batch_limits", "Generation", "GenerationRequest", "MAX_SEED", "OUTPUT_TYPES", "PipelineInputError",
            "RequestChecker", "RequestStepCallback"]

@@ -51,6 +51,17 @@ class TokenizerError(InputError):
     """The tokenizer model cannot be loaded or the prompts cannot be tokenized."""
 
 
+def check_text(name: str, text: str, error: type) -> None:
+    """Raise ``error`` when ``text`` is no Unicode text that UTF-8 (and so sentencepiece) can encode: a lone
+    surrogate such as ``"\\ud800"``, which JSON can spell and Python decodes, and which sentencepiece refuses
+    with an opaque pybind11 RuntimeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise error(f"{name}: character {err.start} ({text[err.start:err.end]!r}) is a lone surrogate, not Unicode "
+                    "text; send valid UTF-8") from None
+
+
 class ChatGLMTokenizer:
     """Kolors prompts -> int64 ``input_ids``, ``attention_mask``, ``position_ids`` [B, max_length]."""
 
@@ -95,6 +106,7 @@ class ChatGLMTokenizer:
 
     def piece_ids(self, text: str) -> list[int]:
         """The ids of ``text`` without prefix, truncation or padding."""
+        check_text("prompt", text, TokenizerError)
         special, to_id = self.special_ids, self.sp.piece_to_id
         return [special[p] if p in special else to_id(p) for p in self.sp.encode(text, out_type=str)]
 
@@ -137,4 +149,4 @@ class ChatGLMTokenizer:
         return self.sp.decode(keep)
 
 
-__all__ = ["ChatGLMTokenizer", "TokenizerError", "SPECIAL_TOKENS", "PREFIX_TOKENS", "TOKENIZER_FILE"]
+__all__ = ["ChatGLMTokenizer", "TokenizerError", "check_text", "SPECIAL_TOKENS", "PREFIX_TOKENS", "TOKENIZER_FILE"]

@@ -9,11 +9,14 @@ replica owns (``create_app(config, worker)``; the caller starts and stops it).
 
 Routes:
     GET  /health/live, /health/ready      no API key; ready is 503 until loaded and warmed up,
-                                          while draining, and after repeated failures
+                                          while draining, after repeated failed batches, and
+                                          if the worker thread ended (then live is 503 too)
     GET  /metrics                         Prometheus text
-    GET  /v1/models                       the loaded model, its profile and the sizes it offers (sizes.py)
+    GET  /v1/models, /v1/models/{id}      the loaded model, its profile, defaults, the sizes it offers (sizes.py)
+                                          and batch ceilings
     GET  /, /playground                   the playground page, no API key (playground.py; --no-playground: off)
     POST /v1/images/generations, /v1/images/edits, /v1/references   (routes.py)
+    GET  /openapi.json, /docs             the OpenAPI document (openapi.py) and its viewer
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from .config import ServeConfig
 from .errors import NotFoundError, ServeInputError, error_body, http_error
 from .metrics import CONTENT_TYPE
 from .middleware import BodyLimit, Gate, Traffic
+from .openapi import openapi
 from .playground import add_playground
 from .protocol import validation_error
 from .sizes import offered_sizes
@@ -56,11 +60,14 @@ def model_card(config: ServeConfig, worker: Worker, created: int) -> dict:
     profile = {name: {"min": r.min, "opt": r.opt, "max": r.max}
                for name, r in (("batch", folder.profile.batch), ("height", folder.profile.height),
                                ("width", folder.profile.width))}
+    height, width = config.default_hw
+    defaults = {**pipe.defaults, **({"height": height, "width": width} if height is not None else {}),
+                **({"num_inference_steps": config.default_steps} if config.default_steps is not None else {})}
     return {"id": config.model_id, "object": "model", "created": created, "owned_by": "kolors-trt",
             "backend": pipe.backend, "folder_kind": folder.kind, "profile": profile,
-            "size_multiple": folder.size_multiple, "defaults": dict(pipe.defaults),
-            "sizes": offered_sizes(folder, pipe.defaults),
-            "max_images_per_batch": {"cfg": worker.batch_ceiling(True), "no_cfg": worker.batch_ceiling(False)},
+            "size_multiple": folder.size_multiple, "defaults": defaults, "max_steps": config.max_steps,
+            "sizes": offered_sizes(folder, defaults),
+            "max_images_per_batch": {"cfg": worker.ceilings[True], "no_cfg": worker.ceilings[False]},
             "startup_seconds": worker.startup_seconds}
 
 
@@ -88,7 +95,8 @@ def create_app(config: ServeConfig, worker: Optional[Worker] = None) -> FastAPI:
 
     @app.get("/health/live")
     async def live():
-        return {"live": True}
+        ended = worker.state_now == "worker_ended"  # nothing but a restart brings it back: tell the supervisor
+        return JSONResponse({"live": not ended, "state": worker.state_now}, status_code=503 if ended else 200)
 
     @app.get("/health/ready")
     async def ready():
@@ -103,6 +111,14 @@ def create_app(config: ServeConfig, worker: Optional[Worker] = None) -> FastAPI:
     async def models():
         routes.loaded_pipe(worker)
         return {"object": "list", "data": [model_card(config, worker, created)]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str):
+        routes.loaded_pipe(worker)
+        if model_id != config.model_id:
+            raise NotFoundError(f"model {model_id!r}: not served here; this server serves {config.model_id!r}",
+                                "model")
+        return model_card(config, worker, created)
 
     @app.exception_handler(KolorsTrtError)
     async def typed(request: Request, error: KolorsTrtError):
@@ -125,8 +141,10 @@ def create_app(config: ServeConfig, worker: Optional[Worker] = None) -> FastAPI:
     async def unexpected(request: Request, error: Exception):
         return error_response(error)
 
+    app.openapi = openapi(app, config, worker)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
-    app.add_middleware(Gate, config=config, worker=worker, metrics=worker.metrics, traffic=app.state.traffic)
+    app.add_middleware(Gate, config=config, worker=worker, metrics=worker.metrics, traffic=app.state.traffic,
+                       routes=app.router.routes)
     return app
 
 

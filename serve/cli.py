@@ -6,10 +6,11 @@
     kolors-trt serve --ray --autoscale 1:4 --engines /models/engines --address auto
     kolors-trt serve --ray --engines /models/engines --write-config kolors.yaml   # for `serve deploy`
 
-The process-global parts live here, never in the app: uvicorn, and the SIGTERM
-drain. uvicorn's own SIGTERM handling closes the listening socket at once (new
-clients see "connection refused", not 503) and re-raises the signal after shutdown
-(exit status -15). DrainingServer instead: on the first SIGTERM/SIGINT the worker
+The process-global parts live here, never in the app: uvicorn (with the header
+timeout of transport.py and the app's own access log), and the SIGTERM drain; the
+settings and their flags live in config.py. uvicorn's own SIGTERM handling closes the
+listening socket at once (new clients see "connection refused", not 503) and re-raises
+the signal after shutdown (exit status -15). DrainingServer instead: on the first SIGTERM/SIGINT the worker
 stops taking work (/health/ready and new requests answer 503) while every accepted
 request runs to its answer; when none is left, or at --drain-timeout-s (the rest
 then get 503), uvicorn shuts down and the process exits 0. A second signal is
@@ -36,75 +37,24 @@ import signal
 import threading
 import time
 
-from kolors_trt.runtime.cli import add_limit_arguments, add_runtime_cache_argument
-from kolors_trt.runtime.folder import BACKENDS, Limits
-
-from .config import ConfigError, ServeConfig, read_api_key
+from .config import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_REPLICAS, ConfigError, add_scale_arguments
+from .config import add_serve_arguments, config_from_args, read_api_key
 from .errors import MissingDependencyError
 from .ray_local import RAY_EXIT_WAIT_S, core_processes, end_processes, free_port, ray_environment, ray_temp_dir
 from .ray_local import watch_core
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8000
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 ABORT_GRACE_S = 5.0  # after the drain timeout: time for the 503s to go out before uvicorn stops
 GRACEFUL_S = 10.0  # uvicorn's own bound on open connections once it shuts down
-DEFAULT_REPLICAS = 1
+ACCESS_LOGGER = "kolors_trt.serve.access"
 
 
-def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    d = ServeConfig
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--engines", metavar="DIR", help="engine folder (kolors-trt build), TensorRT")
-    src.add_argument("--onnx", metavar="DIR", help="export folder (kolors-trt export), ONNX Runtime")
-    p.add_argument("--backend", default=d.backend, choices=BACKENDS,
-                   help="default: onnxruntime for --onnx, the build target for --engines")
+def add_driver_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the server listens and whether it runs on Ray: the process's flags, not the application's."""
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0 picks a free port")
-    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
-                   help="images per UNet batch (default: the engine profile's most)")
-    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
-                   help=f"how long a request waits for others to batch with (default {d.max_wait_ms:g})")
-    p.add_argument("--max-queue", type=int, default=d.max_queue,
-                   help=f"requests waiting for a batch; more get 429 (default {d.max_queue})")
-    p.add_argument("--timeout-s", type=float, default=d.timeout_s,
-                   help=f"per request, arrival to answer; then 504 and the request stops (default {d.timeout_s:g})")
-    p.add_argument("--drain-timeout-s", type=float, default=d.drain_timeout_s,
-                   help=f"after SIGTERM, how long accepted requests may still run (default {d.drain_timeout_s:g})")
-    p.add_argument("--api-key-file", metavar="F",
-                   help="a file holding the API key every route but /health/* then needs as 'Authorization: Bearer' "
-                        "(default: $KOLORS_TRT_API_KEY; neither: no key)")
-    p.add_argument("--cache-dir", metavar="DIR", help="folder keeping reference images' IP tokens across restarts")
-    add_runtime_cache_argument(p)
-    p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20,
-                   help=f"request body limit in MiB (default {d.max_body_bytes / 2**20:g})")
-    p.add_argument("--max-prompt-chars", type=int, default=d.max_prompt_chars,
-                   help=f"longest prompt taken (default {d.max_prompt_chars})")
-    p.add_argument("--model-name", default=d.model_id, help=f"the model id clients see (default {d.model_id!r})")
-    p.add_argument("--no-verify", action="store_true", help="skip checking the graphs/plans against the manifest")
-    p.add_argument("--no-playground", action="store_true", help="no playground page on GET / and /playground")
-    add_limit_arguments(p)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, found {value}")
-    return value
-
-
-def add_scale_arguments(p: argparse.ArgumentParser) -> None:
-    """How many replicas of the server Ray runs (also the Serve config's ``args:``)."""
-    scale = p.add_mutually_exclusive_group()
-    scale.add_argument("--replicas", type=_positive, metavar="N",
-                       help=f"with --ray: replicas, one Pipeline each (default {DEFAULT_REPLICAS})")
-    scale.add_argument("--autoscale", metavar="MIN:MAX",
-                       help="with --ray: let Ray keep between MIN and MAX replicas by their load")
-
-
-def add_ray_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray", action="store_true",
                    help="serve on Ray Serve: replicas (one per GPU), routing, autoscaling, restarts; "
                         "pip install 'kolors-trt[ray]'")
@@ -114,20 +64,6 @@ def add_ray_arguments(p: argparse.ArgumentParser) -> None:
                         "exit (default: start a local Ray instance and stop it on exit)")
     p.add_argument("--write-config", metavar="FILE",
                    help="with --ray: write a Ray Serve config for `serve deploy FILE` with these flags, and exit")
-
-
-def config_from_args(args, read_key: bool = True) -> ServeConfig:
-    """The server's settings from parsed flags. ``read_key=False`` leaves the API key out (a Ray replica reads
-    --api-key-file or $KOLORS_TRT_API_KEY itself, so the key never travels inside a deployment)."""
-    return ServeConfig(
-        folder=args.engines or args.onnx, backend=args.backend, max_batch_size=args.max_batch_size,
-        max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout_s,
-        drain_timeout_s=args.drain_timeout_s, cache_dir=args.cache_dir, runtime_cache=args.runtime_cache,
-        api_key=read_api_key(args.api_key_file) if read_key else None,
-        max_body_bytes=int(args.max_body_mb * 2**20), max_prompt_chars=args.max_prompt_chars,
-        model_id=args.model_name, verify=not args.no_verify, limits=Limits(args.max_size, args.max_batch),
-        playground=not args.no_playground,
-    )
 
 
 def draining_server(uvicorn_config, worker, traffic, drain_timeout_s: float):
@@ -190,16 +126,21 @@ def run_serve(args) -> int:
         import uvicorn
 
         from .app import create_app
+        from .transport import uvicorn_protocol
     except ImportError as err:
         raise MissingDependencyError(f"serve: {err.name} is not installed; pip install 'kolors-trt[serve]'") from None
     config = config_from_args(args)
     if args.host not in LOOPBACK:
         logger.warning("binding %s: reachable from other machines%s", args.host,
                        "" if config.api_key else " without an API key (--api-key-file)")
+    if config.access_log:
+        logging.getLogger(ACCESS_LOGGER).setLevel(logging.INFO)
     app = create_app(config)
     worker, traffic = app.state.worker, app.state.traffic
+    # uvicorn's access log knows no request id: --access-log is the app's own (middleware.Gate)
     uv = uvicorn.Config(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
-                        access_log=bool(args.verbose), timeout_graceful_shutdown=GRACEFUL_S, lifespan="on")
+                        access_log=False, timeout_graceful_shutdown=GRACEFUL_S, lifespan="on",
+                        http=uvicorn_protocol(config.header_timeout_s))
     server = draining_server(uv, worker, traffic, config.drain_timeout_s)
     print(f"serving {config.folder} as {config.model_id!r}; loading (GET /health/ready is 503 until warmed up)",
           flush=True)
@@ -304,6 +245,7 @@ def _serve_on_ray(args, ray_app, application, folder, started: float) -> int:
             threading.Thread(target=watch_core, args=(folder, core_processes(folder), watch), daemon=True,
                              name="ray-core-watch").start()
         stop.install()
+        signal_actor = ray_app.drain_signal()  # before the replicas start: each waits on it
         ray_app.run_application(application, args.host, port, verbose=bool(args.verbose))
         stop.serving = True
         print(f"listening on http://{args.host}:{port}", flush=True)
@@ -313,8 +255,12 @@ def _serve_on_ray(args, ray_app, application, folder, started: float) -> int:
               "Ray's start included)", flush=True)
         while not stop.requested.wait(1.0):
             pass
-        print("draining: the replicas answer what they hold (at most --drain-timeout-s), then stop", flush=True)
-        ray_app.stop_application(folder is not None, args.drain_timeout_s, verbose=bool(args.verbose))
+        told = ray_app.drain_replicas(signal_actor)
+        print(f"draining: {'new requests get 503; ' if told else ''}the replicas answer what they hold (at most "
+              "--drain-timeout-s), then stop", flush=True)
+        drained = told and ray_app.wait_drained(signal_actor, args.drain_timeout_s)
+        ray_app.stop_application(folder is not None, 0.0 if told else args.drain_timeout_s, drained,
+                                 verbose=bool(args.verbose))
     finally:
         watch.set()  # ray.shutdown() ends gcs_server and raylet on purpose
         ray_app.stop_ray()
@@ -328,9 +274,8 @@ def add_subcommands(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve OpenAI's Images API over HTTP (batching, metrics, health); "
                                             "--ray: replicas on Ray Serve")
     add_serve_arguments(p)
-    add_ray_arguments(p)
+    add_driver_arguments(p)
     p.set_defaults(run=run_serve)
 
 
-__all__ = ["DEFAULT_REPLICAS", "add_ray_arguments", "add_scale_arguments", "add_serve_arguments", "add_subcommands",
-           "config_from_args", "run_serve", "run_serve_ray"]
+__all__ = ["add_driver_arguments", "add_subcommands", "run_serve", "run_serve_ray"]

@@ -88,6 +88,8 @@ class Metrics:
                                ["reason", "where"], registry=r)
         self.batch_failures = Counter("kolors_trt_batch_failures", "Batches that failed, by error type", ["error"],
                                       registry=r)
+        self.request_failures = Counter("kolors_trt_request_failures", "Requests that failed alone in a batch that "
+                                        "went on (rows not finite), by error type", ["error"], registry=r)
         self.queue_depth = Gauge("kolors_trt_queue_depth", "Requests waiting for a batch", registry=r)
         self.in_flight = Gauge("kolors_trt_in_flight", "Requests accepted and not yet answered", registry=r)
         self.ready = Gauge("kolors_trt_ready", "1 when /health/ready answers 200", registry=r)

@@ -20,7 +20,13 @@ How the server's limits become Ray's (``deployment_options``):
   retries 503 like 429.
 - ``graceful_shutdown_timeout_s`` = ``--drain-timeout-s``: a replica that Ray stops (scale
   down, ``serve.shutdown``, SIGTERM of ``kolors-trt serve --ray``) gets no new requests and
-  answers the ones it holds for that long; then its Worker stops.
+  answers the ones it holds for that long; then its Worker stops. On SIGTERM of
+  ``kolors-trt serve --ray`` each replica first hears it at once through a small named actor
+  (``DrainSignal``: every replica keeps one call to it pending), answers new requests with the
+  server's own 503 while it finishes what it holds, and reports when it is done; then the
+  application stops. Only when a replica cannot be told, or is not done within
+  ``--drain-timeout-s``, does Ray's route move to the ``Draining`` stand-in (503 too, once
+  its replica has started: seconds) while Ray stops the replicas gracefully.
 - ``check_health`` is the Worker's readiness: it fails when loading failed or when the worker
   reports not-ready after repeated failed batches (it probes to recover; three failed checks
   in a row, ``HEALTH_CHECK_PERIOD_S`` apart, and Ray replaces the replica). It never fails
@@ -59,8 +65,8 @@ from kolors_trt.runtime.manifest import write_bytes_atomic
 from kolors_trt.runtime.spec import DEFAULT_PROFILE
 
 from .app import create_app
-from .cli import DEFAULT_REPLICAS, add_scale_arguments, add_serve_arguments, config_from_args
-from .config import ConfigError, ServeConfig, read_api_key
+from .config import DEFAULT_REPLICAS, ConfigError, ServeConfig, add_scale_arguments, add_serve_arguments
+from .config import batch_ceilings, config_from_args, read_api_key
 from .errors import ShuttingDownError, http_error
 from .worker import Worker
 
@@ -73,14 +79,16 @@ IMPORT_PATH = "kolors_trt.serve.ray_app:app_builder"
 REPLICA_HEADER = "X-Kolors-Replica"
 LOAD_TIMEOUT_S = 900.0  # a replica's constructor waits this long for its Worker to load and warm up
 LOAD_POLL_S = 0.05
+SIGNAL_NAMESPACE = "kolors-trt"  # the DrainSignal actor's, per application name
 ORT_CPUS = 0.5  # the CPU reservation of an ONNX Runtime replica
 GPU_CPUS = 1.0  # ... and of a TensorRT replica (tokenizer, image decode and encode, HTTP), beside its GPU
 HEALTH_CHECK_PERIOD_S = 10.0
 HEALTH_CHECK_TIMEOUT_S = 30.0
 SHUTDOWN_WAIT_LOOP_S = 0.5  # how often a stopping replica looks whether its requests are answered
 DRAIN_GRACE_S = 10.0  # past --drain-timeout-s: time for Ray to remove the stopped replicas
+SIGNAL_TIMEOUT_S = 10.0  # the DrainSignal actor answers at once; a bound in case Ray does not
 AUTOSCALE_DELAYS = {"upscale_delay_s": 10.0, "downscale_delay_s": 300.0}
-# cli.py's flags that belong to the driver (where Ray runs, where the proxy listens), not to the application
+# the command's flags that belong to the driver (where Ray runs, where the proxy listens), not to the application
 DRIVER_KEYS = frozenset({"host", "port", "address", "write_config", "ray"})
 
 
@@ -104,8 +112,11 @@ def settings_parser() -> argparse.ArgumentParser:
     return p
 
 
-def setting_names() -> frozenset:
-    return frozenset(vars(settings_parser().parse_args(["--onnx", "-"]))) - DRIVER_KEYS
+def setting_actions() -> dict:
+    """{setting name: its argparse action}: each flag's names with underscores (``no_verify``, ``max_batch`` and
+    its older name ``max_batch_size``)."""
+    return {option[2:].replace("-", "_"): action for action in settings_parser()._actions
+            for option in action.option_strings if option.startswith("--")}
 
 
 def parse_settings(settings: dict) -> argparse.Namespace:
@@ -114,32 +125,35 @@ def parse_settings(settings: dict) -> argparse.Namespace:
     if not isinstance(settings, dict):
         raise ConfigError(f"serve --ray: application args must be a mapping of flag names to values, found "
                           f"{type(settings).__name__}")
-    names, argv = setting_names(), []
+    actions, argv = setting_actions(), []
     for key, value in settings.items():
         name = str(key).replace("-", "_")
         if name in DRIVER_KEYS:
             raise ConfigError(f"serve --ray: application args: {key!r} is not an application setting; the proxy's "
                               "address is the Serve config's http_options (host, port)")
-        if name not in names:
+        if name not in actions:
             raise ConfigError(f"serve --ray: application args: unknown setting {key!r}; known: "
-                              f"{', '.join(sorted(names))}")
+                              f"{', '.join(sorted(actions))}")
         if value is None or value is False:
             continue
-        argv += [f"--{name.replace('_', '-')}"] + ([] if value is True else [str(value)])
+        flag = f"--{name.replace('_', '-')}"
+        argv += [flag] if actions[name].nargs == 0 else [flag, str(value)]
     return settings_parser().parse_args(argv)
 
 
 def settings_from_args(args: argparse.Namespace) -> dict:
-    """The application's settings from parsed flags (paths made absolute: replicas do not share the driver's
-    working directory); None and unset switches left out."""
+    """The application's settings from parsed flags, each under its flag's name (paths made absolute: replicas do
+    not share the driver's working directory); unset values and switches left out."""
     settings = {}
-    for name in sorted(setting_names()):
-        value = getattr(args, name, None)
-        if value is None or value is False:
-            continue
+    for name, action in setting_actions().items():
+        value = getattr(args, action.dest, None)
+        if f"--{name.replace('_', '-')}" != action.option_strings[0] or value is None:
+            continue  # an alias, or unset
+        if action.nargs == 0 and value == action.default:
+            continue  # a switch not given
         if name in ("engines", "onnx", "cache_dir", "api_key_file", "runtime_cache"):
             value = os.path.abspath(value)
-        settings[name] = value
+        settings[name] = True if action.nargs == 0 else value
     return settings
 
 
@@ -160,24 +174,26 @@ def parse_autoscale(text: str) -> tuple[int, int]:
 # ---- deployment options: the server's limits as Ray's -------------------------------------------------
 
 
-def profile_batch_ceiling(folder: str) -> int:
-    """The most images per batch of the folder's profile, read from its manifest when the folder is here; else
-    the default build profile's (a config written for a cluster whose folders are elsewhere)."""
+def batch_ceiling(config: ServeConfig) -> int:
+    """The most images one batch takes (config.batch_ceilings), read from the folder's manifest when the folder is
+    here; else the default build profile's under --max-batch (a config written for a cluster whose folders are
+    elsewhere)."""
     from kolors_trt.runtime.folder import read_folder
 
     try:
-        return read_folder(folder, verify=False).profile.batch.max
+        folder = read_folder(config.folder, verify=False, limits=config.limits)
     except (OSError, ValueError) as err:
-        logger.info("%s cannot be read here (%s): taking the default profile's batch ceiling", folder, err)
-        return DEFAULT_PROFILE.batch.max
+        logger.info("%s cannot be read here (%s): taking the default profile's batch ceiling", config.folder, err)
+        return min(DEFAULT_PROFILE.batch.max, config.max_batch or DEFAULT_PROFILE.batch.max)
+    return max(batch_ceilings(folder, config.max_batch).values())
 
 
 def deployment_options(config: ServeConfig, replicas: int, autoscale: Optional[tuple[int, int]], gpu: bool,
-                       batch_ceiling: int) -> dict:
-    """Ray Serve deployment options from the server's settings (the module docstring says why each)."""
+                       ceiling: int) -> dict:
+    """Ray Serve deployment options from the server's settings and batch ceiling (the module docstring says why
+    each)."""
     if replicas < 1:
         raise ConfigError(f"serve --ray: --replicas must be >= 1, found {replicas}")
-    ceiling = batch_ceiling if config.max_batch_size is None else min(batch_ceiling, config.max_batch_size)
     options = {
         "max_ongoing_requests": ceiling + min(ceiling, config.max_queue),
         "max_queued_requests": config.max_queue,
@@ -231,6 +247,56 @@ async def wait_loaded(worker: Worker, timeout_s: float) -> None:
         raise worker.load_error
 
 
+class DrainSignal:
+    """The driver's word to every replica: each keeps one ``wait`` pending; ``drain`` (SIGTERM) answers them all.
+    Each replica then reports when it has answered everything it held (``idle``)."""
+
+    def __init__(self):
+        self.event = asyncio.Event()
+        self.idle_replicas: set = set()
+
+    async def wait(self) -> bool:
+        await self.event.wait()
+        return True
+
+    async def drain(self) -> None:
+        self.event.set()
+
+    async def idle(self, replica: str) -> None:
+        self.idle_replicas.add(replica)
+
+    async def idle_count(self) -> int:
+        return len(self.idle_replicas)
+
+
+def drain_signal():
+    """The application's DrainSignal actor, made by the command that runs it (``serve deploy`` has none)."""
+    import ray
+
+    return ray.remote(num_cpus=0)(DrainSignal).options(name=APP_NAME, namespace=SIGNAL_NAMESPACE,
+                                                      get_if_exists=True).remote()
+
+
+async def watch_drain(worker: Worker, replica: str) -> None:
+    """In a replica: begin the worker's drain when the command that runs the application is told to stop, and
+    report when everything accepted is answered."""
+    import ray
+    from ray.exceptions import RayError
+
+    try:
+        signal_actor = ray.get_actor(APP_NAME, namespace=SIGNAL_NAMESPACE)
+    except ValueError:
+        return  # deployed without `kolors-trt serve --ray`: Ray's own graceful shutdown only
+    try:
+        await signal_actor.wait.remote()
+        worker.begin_drain()
+        while not worker.idle:
+            await asyncio.sleep(SHUTDOWN_WAIT_LOOP_S)
+        await signal_actor.idle.remote(replica)
+    except RayError:
+        return  # the command ended
+
+
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress()
 class KolorsServer:
@@ -241,8 +307,11 @@ class KolorsServer:
         self.config = dataclasses.replace(config, api_key=read_api_key(api_key_file))
         self.worker = Worker(self.config).start()
         await wait_loaded(self.worker, LOAD_TIMEOUT_S)
+        if self.config.access_log:
+            logging.getLogger("kolors_trt.serve.access").setLevel(logging.INFO)
         context = serve.get_replica_context()
         self.name = f"{context.deployment}#{context.replica_id.unique_id}"
+        self.drain_watch = asyncio.ensure_future(watch_drain(self.worker, self.name))
         logger.info("replica %s (pid %d) ready in %.2f s", self.name, os.getpid(), self.worker.startup_seconds)
 
     async def __serve_build_asgi_app__(self):
@@ -274,9 +343,8 @@ def app_builder(args: dict):
     ns = parse_settings(dict(args))
     config = config_from_args(ns, read_key=False)
     autoscale = parse_autoscale(ns.autoscale) if ns.autoscale is not None else None
-    ceiling = profile_batch_ceiling(config.folder)
     options = deployment_options(config, ns.replicas or DEFAULT_REPLICAS, autoscale, gpu=ns.engines is not None,
-                                 batch_ceiling=ceiling)
+                                 ceiling=batch_ceiling(config))
     return KolorsServer.options(**options).bind(config, ns.api_key_file)
 
 
@@ -339,12 +407,51 @@ class Draining:
         return JSONResponse(body, status_code=status, headers={**headers, "Connection": "close"})
 
 
-def stop_application(started_ray: bool, drain_timeout_s: float, verbose: bool = False) -> None:
-    """Stop the replicas, each answering what it holds first (at most ``drain_timeout_s``); new requests get 503
-    meanwhile. Then all of Serve on an instance we started, only our application on a cluster we joined."""
+def drain_replicas(signal_actor) -> bool:
+    """Tell every replica to drain (``drain_signal()``'s actor): from then on they answer new requests with 503 and
+    finish what they hold. False when Ray did not deliver it."""
+    import ray
+    from ray.exceptions import RayError
+
+    try:
+        ray.get(signal_actor.drain.remote(), timeout=SIGNAL_TIMEOUT_S)
+    except RayError as err:
+        logger.warning("could not tell the replicas to drain (%s); Ray's stand-in answers 503 once it runs", err)
+        return False
+    return True
+
+
+def wait_drained(signal_actor, timeout_s: float) -> bool:
+    """Until every replica told by drain_replicas() has answered what it held; False past ``timeout_s``."""
+    import ray
+    from ray.exceptions import RayError
+
+    replicas, end = len(replica_actors()), time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            if ray.get(signal_actor.idle_count.remote(), timeout=SIGNAL_TIMEOUT_S) >= replicas:
+                return True
+        except RayError as err:
+            logger.warning("could not hear from the replicas (%s)", err)
+            return False
+        time.sleep(SHUTDOWN_WAIT_LOOP_S)
+    return False
+
+
+def stop_application(started_ray: bool, drain_timeout_s: float, drained: bool = False, verbose: bool = False) -> None:
+    """Stop the application: all of Serve on an instance we started, only our application on a cluster we joined.
+    ``drained`` (wait_drained()): the replicas answered everything already and went on answering 503, so they stop
+    at once. Otherwise each answers what it holds first (at most ``drain_timeout_s``) while the Draining stand-in
+    answers new requests with 503."""
+    if drained:
+        if started_ray:
+            serve.shutdown()
+        else:
+            serve.delete(APP_NAME)
+        return
     # serve.shutdown() alone stops the proxies at once, cutting the connections of requests still running.
     # Redeploying the application as Draining makes Ray stop the old replicas gracefully while it routes new
-    # requests to the 503 answer.
+    # requests to the 503 answer (once its replica runs: seconds).
     from ray.exceptions import RayError
     from ray.serve.exceptions import RayServeException
 
@@ -394,6 +501,6 @@ def write_serve_config(path: str, settings: dict, host: str, port: int) -> None:
     write_bytes_atomic(path, text.encode())
 
 
-__all__ = ["APP_NAME", "KolorsServer", "RayServeError", "ReplicaHeader", "app_builder", "deployment_options",
+__all__ = ["APP_NAME", "DrainSignal", "KolorsServer", "drain_replicas", "drain_signal", "wait_drained", "RayServeError", "ReplicaHeader", "app_builder", "deployment_options",
            "parse_autoscale", "parse_settings", "run_application", "serve_config", "settings_from_args", "start_ray",
            "stop_application", "stop_ray", "write_serve_config"]

@@ -7,6 +7,10 @@ its answer. While it waits it polls for the client's disconnect and stops the jo
 (the worker drops it from the queue or stops it between denoising steps), so no GPU
 work continues for nobody. Under Ray Serve a disconnect cancels the handler instead;
 both paths stop the job.
+
+Streams send previews (``partial_images``) made from the latents the worker thread
+hands over after a step; the projection and the PNG/JPEG encoding run in the thread
+pool, never on the worker thread that owns the engines.
 """
 
 from __future__ import annotations
@@ -19,14 +23,19 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from kolors_trt.runtime.preprocess import ImageInputError
+
 from .errors import DeadlineError, NotFoundError, ServeInputError, UnavailableError, http_error
 from .images import b64, encode, preview
-from .protocol import ImageParams, check_limits, generation_request, parse_form, preview_steps
+from .middleware import CLIENT_GONE, request_note
+from .protocol import EditParams, GenerationParams, ImageParams, check_limits, check_unknown, generation_request
+from .protocol import parse_form, preview_steps
 from .scheduler import DEADLINE, DISCONNECTED
 from .worker import ENCODE, ENCODE_KEY, GENERATE, Work
 
@@ -36,7 +45,8 @@ router = APIRouter()
 POLL_S = 0.1  # how often a waiting handler looks for the client's disconnect
 GRACE_S = 5.0  # past the deadline, a handler stops waiting for a worker that did not answer (a hung step)
 KEEPALIVE_S = 10.0  # a stream sends a comment line when nothing else was sent for this long
-CLIENT_GONE = 499  # nginx's "client closed request": only the metrics ever see it
+IMAGE_FILES = ("image", "image[]")
+EDIT_FIELDS = frozenset(EditParams.model_fields)
 USAGE = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}, "output_tokens": 0,
          "total_tokens": 0}  # OpenAI's stream events carry usage; this server does no token accounting
 
@@ -46,8 +56,9 @@ class ClientGone(Exception):
 
 
 def loaded_pipe(worker):
-    if worker.state not in ("ready", "failing"):
-        raise UnavailableError(f"the model is not loaded yet ({worker.state}); retry when /health/ready is 200")
+    if worker.state not in ("ready", "failing") or not worker.alive:
+        raise UnavailableError(f"the model cannot take requests ({worker.state_now}); retry when /health/ready "
+                               "is 200")
     return worker.pipe
 
 
@@ -109,35 +120,36 @@ async def submit_and_wait(request: Request, work: Work, key, images: int):
     return await await_answer(request, worker, job, future)
 
 
-async def read_form(request: Request, allowed: frozenset) -> tuple[dict, Optional[bytes]]:
-    """Multipart fields (one value each) and the one reference image (``image`` or ``image[]``)."""
+async def read_form(request: Request, known=frozenset()) -> tuple[dict, Optional[bytes]]:
+    """Multipart text fields (one value each) and the one reference image (``image`` or ``image[]``). Other file
+    fields follow the unknown-field rule (protocol.py): ignored with a warning, but ``mask``, which OpenAI's
+    edits take and IP-Adapter-Plus has no use for, is refused."""
     form = await request.form(max_files=4, max_fields=64)
     try:
-        fields, files = {}, []
+        fields, images = {}, []
         for name, value in form.multi_items():
             if isinstance(value, UploadFile):
-                files.append((name, value))
-            elif name in ("image", "image[]"):  # a text field: never read as a path or URL
+                if name in IMAGE_FILES:
+                    images.append(value)
+                elif name == "mask":
+                    raise ServeInputError("mask: not taken; IP-Adapter-Plus uses the whole reference image (no "
+                                          "masks)", "mask")
+                else:
+                    logger.warning("%s: ignoring the unknown file field %r", request.url.path, name)
+            elif name in IMAGE_FILES:  # a text field: never read as a path or URL
                 raise ServeInputError(f"{name}: must be a file upload (multipart), found a text field", "image")
-            elif name in fields:
+            elif name in fields and name in known:
                 raise ServeInputError(f"{name}: given more than once", name)
             else:
-                fields[name] = value
-        for name, _ in files:
-            if name not in ("image", "image[]"):
-                raise ServeInputError(f"{name}: not taken; this server takes one reference image as `image` "
-                                      "(IP-Adapter-Plus; no masks)", name)
-        if len(files) > 1:
-            raise ServeInputError(f"image: {len(files)} images sent; IP-Adapter-Plus takes one reference image",
+                fields.setdefault(name, value)  # an unknown field given twice is ignored like once
+        if len(images) > 1:
+            raise ServeInputError(f"image: {len(images)} images sent; IP-Adapter-Plus takes one reference image",
                                   "image")
-        image = await files[0][1].read() if files else None
+        image = await images[0].read() if images else None
     finally:
         await form.close()
     if image is not None and not image:
-        raise ServeInputError("image: the upload is empty", "image")
-    unknown = sorted(set(fields) - allowed)
-    if unknown:
-        raise ServeInputError(f"{unknown[0]}: unknown field", unknown[0])
+        raise ImageInputError("image: the upload is empty, no image")
     return fields, image
 
 
@@ -168,6 +180,14 @@ class Reply:
         return [self.event("completed", self.image(img, i), index=i, usage=USAGE, parameters=self.parameters)
                 for i, img in enumerate(generation.images)]
 
+    def previews(self, latents: np.ndarray, step: int, steps: int, partial_index: int) -> list:
+        """The partial_image events of one step's latents [n, C, h, w] (a thread-pool thread: the projection and
+        the encoding never run on the worker thread)."""
+        return [self.event("partial_image", b64(encode(img, self.params.output_format,
+                                                       self.params.output_compression)),
+                           partial_image_index=partial_index, index=i, step=step + 1, steps=steps)
+                for i, img in enumerate(preview(latents))]
+
 
 def prepare(pipe, request):
     """Pipeline.check (every check, the image decoded; no engine) and the reference's content id."""
@@ -179,9 +199,9 @@ def prepare(pipe, request):
 async def answer_images(request: Request, params: ImageParams, image: Optional[bytes], kind: str):
     worker, config = request.app.state.worker, request.app.state.config
     pipe = loaded_pipe(worker)
-    check_limits(params, config, pipe)
+    check_limits(params, config, pipe, worker.ceilings)
     tokens = None
-    if params.reference_id is not None:
+    if getattr(params, "reference_id", None) is not None:
         if image is not None:
             raise ServeInputError("reference_id: send an image or a reference_id, not both", "reference_id")
         tokens = await run_in_threadpool(pipe.ip_cache.get, params.reference_id)
@@ -189,15 +209,15 @@ async def answer_images(request: Request, params: ImageParams, image: Optional[b
             raise NotFoundError(f"reference_id {params.reference_id}: unknown here (never uploaded, evicted from "
                                 "the cache, or uploaded to a replica that shares no --cache-dir with this one); "
                                 "upload the image again with POST /v1/references", "reference_id")
-    generation = generation_request(params, pipe, image, tokens)
+    generation = generation_request(params, pipe, image, tokens, config)
     checked, reference_id = await run_in_threadpool(prepare, pipe, generation)  # the worker runs it unchecked
     parameters = {"prompt": params.prompt, "negative_prompt": params.negative_prompt or "", "seed": checked.seed,
                   "height": checked.height, "width": checked.width, "num_inference_steps": checked.steps,
                   "guidance_scale": checked.guidance, "ip_adapter_scale": checked.ip_scale, "n": checked.n,
-                  "reference_id": reference_id or params.reference_id, "model": config.model_id,
+                  "reference_id": reference_id or getattr(params, "reference_id", None), "model": config.model_id,
                   "backend": pipe.backend}
     reply = Reply(kind, params, parameters, f"{checked.width}x{checked.height}", int(time.time()))
-    work = Work(GENERATE, checked)
+    work = Work(GENERATE, checked, request_id=request_note(request.scope)["request_id"])
     if params.stream:
         return stream(request, reply, work, checked)
     try:
@@ -212,13 +232,12 @@ def sse(data: dict) -> str:
 
 
 def stream(request: Request, reply: Reply, work: Work, checked) -> StreamingResponse:
-    """Server-sent events: previews after the steps ``partial_images`` picks (every step by default), then one
-    completed event per image, then [DONE]. An error after the first event comes as OpenAI's error event."""
+    """Server-sent events: previews after the steps ``partial_images`` picks (none by default), then one completed
+    event per image, then [DONE]. An error after the first event comes as OpenAI's error event."""
     worker = request.app.state.worker
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     at = preview_steps(reply.params.partial_images, checked.steps)
-    made = {"previews": 0}
 
     def put(item):
         try:
@@ -226,20 +245,15 @@ def stream(request: Request, reply: Reply, work: Work, checked) -> StreamingResp
         except RuntimeError:  # the loop is closed: nobody reads the stream
             pass
 
-    def progress(step: int, steps: int, latents_fn) -> None:  # the worker thread, after each step
-        if step not in at:
-            return
-        for i, img in enumerate(preview(latents_fn())):
-            data = b64(encode(img, reply.params.output_format, reply.params.output_compression))
-            put(("event", reply.event("partial_image", data, partial_image_index=made["previews"], index=i,
-                                      step=step + 1, steps=steps)))
-        made["previews"] += 1
+    def progress(step: int, steps: int, latents_fn) -> None:  # the worker thread, after each step: a copy, no more
+        if step in at:
+            put(("preview", (np.array(latents_fn(), dtype=np.float32), step, steps)))
 
     work = dataclasses.replace(work, done=lambda result, error: put(("done", (result, error))), progress=progress)
     job = worker.submit(work, checked.key, checked.n)  # before the first byte: 429 / 503 stay HTTP statuses
 
     async def events():
-        finished = False
+        finished, previews = False, 0
         try:
             while True:
                 try:
@@ -251,8 +265,10 @@ def stream(request: Request, reply: Reply, work: Work, checked) -> StreamingResp
                         return
                     yield ": keep-alive\n\n"
                     continue
-                if kind == "event":
-                    yield sse(value)
+                if kind == "preview":
+                    for event in await run_in_threadpool(reply.previews, *value, previews):
+                        yield sse(event)
+                    previews += 1
                     continue
                 finished = True
                 result, error = value
@@ -266,27 +282,31 @@ def stream(request: Request, reply: Reply, work: Work, checked) -> StreamingResp
         finally:
             if not finished:  # the client went away (the response was cancelled)
                 job.stop(DISCONNECTED)
+                request_note(request.scope)["client_gone"] = True  # the request metrics count it as 499
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-FORM_FIELDS = frozenset(ImageParams.model_fields)
-
-
 @router.post("/v1/images/generations")
-async def generations(params: ImageParams, request: Request):
+async def generations(params: GenerationParams, request: Request):
     """Text to image (JSON). With reference_id: Kolors + IP-Adapter-Plus on an uploaded reference."""
+    check_unknown(params, request.url.path)
     return await answer_images(request, params, None, "image_generation")
 
 
 @router.post("/v1/images/edits")
 async def edits(request: Request):
     """Kolors + IP-Adapter-Plus (multipart): ``image`` is the reference image."""
-    fields, image = await read_form(request, FORM_FIELDS)
-    params = parse_form(fields)
-    if image is None and params.reference_id is None:
-        raise ServeInputError("image: required (the IP-Adapter reference image), or pass reference_id", "image")
+    fields, image = await read_form(request, EDIT_FIELDS)
+    if "reference_id" in fields:
+        raise ServeInputError("reference_id: not taken here (the upload `image` is the reference); pass reference_id "
+                              "to /v1/images/generations", "reference_id")
+    params = parse_form(fields, EditParams)
+    check_unknown(params, request.url.path)
+    if image is None:
+        raise ServeInputError("image: required (the IP-Adapter reference image, a multipart file); or pass "
+                              "reference_id to /v1/images/generations", "image")
     return await answer_images(request, params, image, "image_edit")
 
 
@@ -296,7 +316,10 @@ async def references(request: Request):
     id as reference_id."""
     worker = request.app.state.worker
     pipe = loaded_pipe(worker)
-    _, image = await read_form(request, frozenset())
+    fields, image = await read_form(request)
+    if fields:
+        name = sorted(fields)[0]
+        raise ServeInputError(f"{name}: unknown field; /v1/references takes the file `image` only", name)
     if image is None:
         raise ServeInputError("image: required (the reference image, multipart)", "image")
     pixels = await run_in_threadpool(pipe.pixel_values, image)
@@ -304,10 +327,11 @@ async def references(request: Request):
     cached = pipe.ip_cache.contains(key)
     if not cached:
         try:
-            await submit_and_wait(request, Work(ENCODE, pixels), ENCODE_KEY, 1)
+            await submit_and_wait(request, Work(ENCODE, pixels, request_id=request_note(request.scope)["request_id"]),
+                                  ENCODE_KEY, 1)
         except ClientGone:
             return Response(status_code=CLIENT_GONE)
     return {"id": key, "object": "reference", "created": int(time.time()), "cached": cached}
 
 
-__all__ = ["router"]
+__all__ = ["loaded_pipe", "router"]

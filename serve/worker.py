@@ -14,7 +14,10 @@ without waiting for company; ``abort()`` answers whatever is left with 503 (the
 drain timeout); ``stop()`` ends the thread. A batch that fails answers each of its
 requests with the error and counts toward ``failure_threshold``: past it the
 worker reports not-ready and, when idle, re-runs the warm-up request every
-``probe_interval_s`` until one succeeds.
+``probe_interval_s`` until one succeeds. A request that fails alone in a batch
+that went on (its rows not finite: ``Generation.error``) gets its own error and
+counts toward nothing: the engines work. If the thread itself ends unexpectedly,
+every request it held gets 503 and the worker reports not-ready from then on.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Callable, Optional
 from kolors_trt.runtime.errors import InputError
 from kolors_trt.runtime.request import GenerationRequest
 
-from .config import ConfigError, ServeConfig
+from .config import ConfigError, ServeConfig, batch_ceilings
 from .errors import DeadlineError, QueueFullError, ShuttingDownError, UnavailableError
 from .metrics import Metrics
 from .scheduler import DEADLINE, SHUTDOWN, Job, Scheduler
@@ -48,6 +51,7 @@ class Work:
     request: object
     done: Optional[Done] = None  # set by the front end before submit
     progress: Optional[Progress] = None
+    request_id: str = ""  # the HTTP request's x-request-id, for the log
 
 
 class StoppedError(UnavailableError):
@@ -75,6 +79,7 @@ class Worker:
         self.draining = False
         self.in_flight = 0  # accepted and not yet answered: queued + running
         self.running: list = []  # jobs of the batch that runs now
+        self.ceilings: dict = {}  # {do_cfg: most images per batch} (config.batch_ceilings), set at load
         self._failures = 0
         self._last_probe = 0.0
         self._batch_seconds = 1.0  # moving average, for Retry-After
@@ -89,7 +94,7 @@ class Worker:
 
     @property
     def ready(self) -> bool:
-        return self.state == "ready" and not self.draining
+        return self.state == "ready" and not self.draining and self.alive
 
     @property
     def alive(self) -> bool:
@@ -100,18 +105,22 @@ class Worker:
     def queue_depth(self) -> int:
         return len(self._scheduler)
 
-    def status(self) -> dict:
-        return {"ready": self.ready, "state": "draining" if self.draining else self.state,
-                "queue_depth": self.queue_depth, "in_flight": self.in_flight,
-                "consecutive_failures": self._failures, "startup_seconds": self.startup_seconds}
+    @property
+    def state_now(self) -> str:
+        """The state as health checks report it: "worker_ended" when the thread is gone but no stop was asked."""
+        if self.draining:
+            return "draining"
+        if self.state in ("loading", "warming", "ready", "failing") and not self.alive:
+            return "worker_ended"
+        return self.state
 
-    def batch_ceiling(self, do_cfg: bool) -> int:
-        """The most images one generation batch takes: the engine profile's, or --max-batch-size when lower."""
-        most = self.pipe.batch_limits(do_cfg)[1]
-        return most if self.config.max_batch_size is None else min(most, self.config.max_batch_size)
+    def status(self) -> dict:
+        return {"ready": self.ready, "state": self.state_now, "queue_depth": self.queue_depth,
+                "in_flight": self.in_flight, "consecutive_failures": self._failures,
+                "startup_seconds": self.startup_seconds}
 
     def _most(self, key) -> int:
-        return 1 if key == ENCODE_KEY else self.batch_ceiling(key[3])
+        return 1 if key == ENCODE_KEY else self.ceilings[key[3]]
 
     # ---- life cycle ------------------------------------------------------------------------
 
@@ -158,8 +167,9 @@ class Worker:
         with self._cond:
             if self.draining:
                 raise ShuttingDownError("the server is shutting down; send the request to another replica")
-            if self.state not in ("ready", "failing"):
-                raise UnavailableError(f"the model is not loaded yet ({self.state}); retry when /health/ready is 200")
+            if self.state not in ("ready", "failing") or not self.alive:
+                raise UnavailableError(f"the model cannot take requests ({self.state_now}); retry when /health/ready "
+                                       "is 200")
             if not self._scheduler.push(job):
                 batches = self.queue_depth / max(1, self._most(key)) + 1
                 raise QueueFullError(f"the queue is full ({self.config.max_queue} requests waiting, --max-queue); "
@@ -178,6 +188,19 @@ class Worker:
             self.state = "failed"
             logger.error("cannot load %s: %s", self.config.folder, err)
             return
+        try:
+            self._loop()
+        except BaseException as err:  # noqa: BLE001 - a bug or an interpreter error; answer and report it
+            logger.critical("the worker thread ended: %s: %s; every request it held gets 503 and /health/ready "
+                            "stays 503 (restart the server)", type(err).__name__, err, exc_info=err)
+            with self._cond:
+                held = self.running + self._scheduler.take_all()
+                self.running = []
+            for job in held:
+                self._answer(job, error=UnavailableError(f"the worker thread ended ({type(err).__name__}); "
+                                                         "the server must be restarted"))
+
+    def _loop(self) -> None:
         while True:
             probe = False
             with self._cond:
@@ -210,17 +233,31 @@ class Worker:
         self.state = "loading"
         self.pipe = Pipeline.load(self.config.folder, backend=self.config.backend, cache_dir=self.config.cache_dir,
                                   verify=self.config.verify, limits=self.config.limits,
-                                  runtime_cache=self.config.runtime_cache)
-        if self.config.max_batch_size is not None:
-            most = max(self.pipe.batch_limits(True)[1], self.pipe.batch_limits(False)[1])
-            if self.config.max_batch_size > most:
-                raise ConfigError(f"serve: --max-batch-size {self.config.max_batch_size} is more than the engine "
-                                  f"profile's {most} images per batch; rebuild the engines or pass at most {most}")
+                                  runtime_cache=self.config.runtime_cache, cache_max_bytes=self.config.cache_max_bytes)
+        self.ceilings = batch_ceilings(self.pipe.folder, self.config.max_batch)
+        self._check_defaults()
         self.state = "warming"
         self._warm_up()
         self.startup_seconds = time.perf_counter() - started
         self.state = "ready"
         logger.info("ready in %.2f s (%s on %s)", self.startup_seconds, self.config.folder, self.pipe.backend)
+
+    def _check_defaults(self) -> None:
+        """--default-size and --default-steps pass the folder's checks, or the server does not start; a manifest
+        default size outside the folder's limits is worth a warning."""
+        height, width = self.config.default_hw
+        profile = self.pipe.folder.profile
+        try:
+            self.pipe.check(GenerationRequest("", height=height or profile.height.opt, width=width or profile.width.opt,
+                                              num_inference_steps=self.config.default_steps or 1,
+                                              ip_adapter_scale=0.0, seed=0))
+        except InputError as err:
+            raise ConfigError(f"serve: --default-size / --default-steps: {err}") from None
+        if height is None:
+            try:
+                self.pipe.check(GenerationRequest("", num_inference_steps=1, ip_adapter_scale=0.0, seed=0))
+            except InputError as err:
+                logger.warning("requests without size will be refused (%s); set --default-size", err)
 
     def _warm_up(self) -> None:
         """One small request: the first run of every engine (allocation, kernel selection) happens here."""
@@ -277,6 +314,11 @@ class Worker:
             if getattr(result, "cancelled", False):
                 self.metrics.stopped.labels(reason=job.stop_reason, where="running").inc()
                 self._answer(job, error=stop_error(job))
+            elif getattr(result, "error", None) is not None:  # failed alone; the engines work
+                self.metrics.request_failures.labels(error=type(result.error).__name__).inc()
+                logger.warning("request %s failed alone in its batch of %d: %s", job.payload.request_id or "-",
+                               len(jobs), result.error)
+                self._answer(job, error=result.error)
             else:
                 self._answer(job, result)
 
@@ -301,11 +343,13 @@ class Worker:
     def _failed(self, jobs: list, err: Exception) -> None:
         name = type(err).__name__
         self.metrics.batch_failures.labels(error=name).inc()
+        ids = ", ".join(job.payload.request_id or "-" for job in jobs)
         if isinstance(err, InputError):  # checked before queueing, so not expected; not the engines' fault
-            logger.warning("a batch of %d request(s) was refused: %s", len(jobs), err)
+            logger.warning("a batch of %d request(s) (%s) was refused: %s", len(jobs), ids, err)
         else:
             self._failures += 1
-            logger.error("a batch of %d request(s) failed (%d in a row): %s: %s", len(jobs), self._failures, name, err)
+            logger.error("a batch of %d request(s) (%s) failed (%d in a row): %s: %s", len(jobs), ids, self._failures,
+                         name, err)
             if self._failures >= self.config.failure_threshold and self.state == "ready":
                 logger.error("%d batches failed in a row: reporting not-ready", self._failures)
                 self.state = "failing"

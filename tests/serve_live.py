@@ -121,3 +121,34 @@ def total(metrics: dict, name: str, **labels) -> float:
     """The sum over the samples of ``name`` whose labels include ``labels``."""
     want = set(labels.items())
     return sum(v for (n, ls), v in metrics.items() if n == name and want <= set(ls))
+
+
+def png(seed: int, size=(70, 50)) -> bytes:
+    """A random RGB PNG of ``size`` (width, height): a reference image."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def decode(b64_json: str):
+    """An answer's b64_json as a PIL image."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(b64_json)))
+
+
+def max_diff(got, want) -> int:
+    """The largest 8-bit difference of two images of one size."""
+    import numpy as np
+
+    assert got.size == want.size
+    return int(np.abs(np.asarray(got.convert("RGB"), int) - np.asarray(want, int)).max())

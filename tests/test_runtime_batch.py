@@ -105,6 +105,47 @@ def test_one_bad_request_fails_the_batch_before_any_engine_runs(pipe):
     assert pipe.generate_batch([]) == []
 
 
+def test_a_request_whose_rows_overflow_fails_alone_and_its_batch_finishes(pipe):
+    """guidance_scale 1e38 is finite (the checks pass) but its latents overflow: that request gets its
+    NonFiniteError in its Generation while the three others of its UNet batch give their solo results."""
+    from kolors_trt.runtime.postprocess import NonFiniteError
+
+    good = [dataclasses.replace(r, num_inference_steps=2) for r in (MIXED[0], MIXED[1], MIXED[3])]
+    bad = dataclasses.replace(MIXED[0], prompt="overflow", guidance_scale=1e38, seed=3, num_inference_steps=2)
+    solo = [pipe.generate_batch([r])[0] for r in good]
+    before = unet_runs(pipe)
+    got = pipe.generate_batch([good[0], bad, good[1], good[2]])
+    assert unet_runs(pipe) - before == 2  # one UNet batch of four requests per step
+    assert isinstance(got[1].error, NonFiniteError) and got[1].images is None and got[1].latents is None
+    assert "request 1" in str(got[1].error) and str(got[1].error).startswith("unet:")
+    for g, want in zip((got[0], got[2], got[3]), solo):
+        assert g.error is None and g.parameters == want.parameters
+        np.testing.assert_array_equal(g.latents, want.latents)
+        assert np.array_equal(np.asarray(g.images[0]), np.asarray(want.images[0]))
+    with pytest.raises(NonFiniteError, match="unet"):  # one request alone: generate() raises its error
+        pipe.generate(**{f.name: getattr(bad, f.name) for f in dataclasses.fields(GenerationRequest)})
+
+
+def test_a_prompt_the_tokenizer_refuses_fails_alone(pipe):
+    """A lone surrogate ("a\\ud800b" in JSON) is refused by the checks; a CheckedRequest made past them fails
+    alone inside its batch (TokenizerError in its Generation) while the others finish."""
+    from kolors_trt.runtime.tokenizer import TokenizerError
+
+    lone = "a\ud800b"
+    before = pipe.stats()["engine_runs"]
+    with pytest.raises(PipelineInputError, match="lone surrogate"):
+        pipe.generate_batch([MIXED[0], dataclasses.replace(MIXED[1], negative_prompt=lone)])
+    assert pipe.stats()["engine_runs"] == before
+    good = [dataclasses.replace(MIXED[i], num_inference_steps=2, output_type="latent") for i in (0, 1)]
+    solo = [pipe.generate_batch([r])[0].latents for r in good]
+    bad = dataclasses.replace(pipe.check(good[0]), prompt=lone)
+    got = pipe.generate_batch([good[0], bad, good[1]])
+    assert isinstance(got[1].error, TokenizerError) and "lone surrogate" in str(got[1].error)
+    for g, want in zip((got[0], got[2]), solo):
+        assert g.error is None
+        np.testing.assert_array_equal(g.latents, want)
+
+
 def test_cancelled_request_leaves_the_batch_and_the_loop_stops_when_all_are(pipe):
     requests = [dataclasses.replace(r, num_inference_steps=6, output_type="latent") for r in MIXED[:2]]
     seen = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -92,6 +93,33 @@ def test_damaged_cache_file_is_recomputed(onnx_fp32, tmp_path):
     pipe.encode_image(image)
     assert delta(before, runs(pipe))["image_encoder"] == 1
     np.load(file, allow_pickle=False)  # rewritten
+
+
+def test_disk_cache_stays_within_its_bound_least_recently_used_first(onnx_fp32, tmp_path):
+    """Pipelines sharing a bounded folder (two processes' worth, memory caches off): each write deletes the
+    least recently used files (a disk hit counts as a use) until the folder fits; what is left still hits."""
+    pipes = [Pipeline.load(onnx_fp32, cache_dir=tmp_path, ip_cache_items=0) for _ in range(2)]
+    pixels = [pipes[0].pixel_values(ref_image(10 + i)) for i in range(4)]
+    keys = [pipes[0].image_key(p) for p in pixels]
+    pipes[0].encode_pixels(pixels[0])
+    size = (tmp_path / f"{keys[0]}.npy").stat().st_size
+    for pipe in pipes:
+        pipe.ip_cache.max_bytes = 2 * size + size // 2  # room for two files
+    for i, key in enumerate(keys[:2]):
+        if i:
+            pipes[i % 2].encode_pixels(pixels[i])
+        os.utime(tmp_path / f"{key}.npy", ns=(10**9 * (i + 1),) * 2)  # a strict order of last use
+    before = runs(pipes[1])
+    pipes[1].encode_pixels(pixels[0])  # a disk hit: keys[0] becomes the most recently used
+    assert delta(before, runs(pipes[1]))["image_encoder"] == 0
+    pipes[0].encode_pixels(pixels[2])  # the third file: keys[1], least recently used, goes
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{k}.npy" for k in (keys[0], keys[2]))
+    assert pipes[0].stats()["ip_cache"]["evictions"] == 1
+    pipes[1].encode_pixels(pixels[3])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{k}.npy" for k in (keys[2], keys[3]))
+    before = runs(pipes[0])
+    pipes[0].encode_pixels(pixels[1])  # evicted: computed again
+    assert delta(before, runs(pipes[0]))["image_encoder"] == 1
 
 
 HYGIENE = r"""

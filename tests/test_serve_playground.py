@@ -313,7 +313,7 @@ def test_generate_with_a_reference_shows_previews_then_the_apis_image(server, pa
     assert np.array_equal(pixels, want_pixels)
     assert (carried["seed"], carried["reference_id"], carried["ip_adapter_scale"]) == (1234, want["id"], 0.6)
 
-    # a random seed (up to 2**64, past JavaScript's exact integers) is shown exactly and reproduces its image
+    # a random seed (the server's, below 2**53) is shown exactly and reproduces its image
     page.get_by_label("Random seed").check()
     page.get_by_label("Steps").fill("2")
     page.get_by_role("button", name="Generate").click()
@@ -408,7 +408,7 @@ def test_phone_width_labels_and_keyboard_only_use(server, browser):
         page.keyboard.press("Space")  # unchecked: the seed field takes input
         page.keyboard.press("Shift+Tab")
         assert page.evaluate("() => document.activeElement.id") == "seed"
-        page.keyboard.type(str(2**64 - 1))  # the largest seed: exact only as digits, never as a JS number
+        page.keyboard.type(str(2**53 - 1))  # the largest seed the server takes (JSON's exact integers)
         page.get_by_label("Size (width × height)").select_option("32x32")
         page.get_by_label("Steps").focus()
         page.keyboard.press("Control+A")
@@ -417,7 +417,7 @@ def test_phone_width_labels_and_keyboard_only_use(server, browser):
         page.keyboard.press("Control+Enter")
         page.locator("#result").wait_for(state="visible")
         shown = shown_params(page)
-        assert (shown["prompt"], shown["seed"], shown["width"]) == ("一只小狗, keyboard only", str(2**64 - 1), "32")
+        assert (shown["prompt"], shown["seed"], shown["width"]) == ("一只小狗, keyboard only", str(2**53 - 1), "32")
         box = page.locator("#result").bounding_box()
         assert box["x"] >= 0 and box["x"] + box["width"] <= 375
         page.get_by_role("button", name="Generate").focus()

@@ -53,11 +53,11 @@ def options(*flags: str, ceiling: int = 4) -> dict:
     args = build_parser().parse_args(["serve", "--ray", *flags])
     settings = ray_app.settings_from_args(args)
     ns = ray_app.parse_settings(settings)
-    from kolors_trt.serve.cli import config_from_args
+    from kolors_trt.serve.config import config_from_args
 
     autoscale = ray_app.parse_autoscale(ns.autoscale) if ns.autoscale else None
     return ray_app.deployment_options(config_from_args(ns, read_key=False), ns.replicas or 1, autoscale,
-                                      gpu=ns.engines is not None, batch_ceiling=ceiling)
+                                      gpu=ns.engines is not None, ceiling=ceiling)
 
 
 def test_flags_become_deployment_options():
@@ -68,7 +68,7 @@ def test_flags_become_deployment_options():
     assert o["graceful_shutdown_timeout_s"] == 7.0
     assert o["ray_actor_options"] == {"num_cpus": ray_app.ORT_CPUS, "num_gpus": 0}
 
-    o = options("--onnx", "/m/onnx", "--max-batch-size", "2", "--max-queue", "1")
+    o = options("--onnx", "/m/onnx", "--max-batch", "2", "--max-queue", "1", ceiling=2)
     assert (o["num_replicas"], o["max_ongoing_requests"], o["max_queued_requests"]) == (1, 3, 1)
 
     o = options("--engines", "/m/engines", "--autoscale", "1:3", ceiling=8)
@@ -105,8 +105,9 @@ def test_scale_flag_errors(capsys):
 
 def test_settings_take_the_flags_names_checks_and_defaults():
     ns = ray_app.parse_settings({"onnx": "/m/onnx", "replicas": 2, "max-queue": 3, "no_verify": True,
-                                 "cache_dir": None})
-    assert (ns.onnx, ns.replicas, ns.max_queue, ns.no_verify, ns.max_wait_ms) == ("/m/onnx", 2, 3, True, 25.0)
+                                 "cache_dir": None, "max_batch_size": 2})  # the older name of --max-batch
+    assert (ns.onnx, ns.replicas, ns.max_queue, ns.verify, ns.max_wait_ms, ns.max_batch) == ("/m/onnx", 2, 3, False,
+                                                                                          25.0, 2)
     for bad, match in [({"onnx": "/m", "colour": 1}, "unknown setting 'colour'"),
                        ({"onnx": "/m", "port": 80}, "http_options"),
                        ({"onnx": "/m", "max_queue": "many"}, "max-queue"),
@@ -124,7 +125,7 @@ def test_write_config_is_a_serve_config_for_the_builder(tmp_path, onnx_fp32, cap
     key = tmp_path / "key"
     key.write_text("sk-secret-value\n")
     out = tmp_path / "kolors.yaml"
-    assert main(["serve", "--ray", "--onnx", str(onnx_fp32), "--autoscale", "1:3", "--max-batch-size", "2",
+    assert main(["serve", "--ray", "--onnx", str(onnx_fp32), "--autoscale", "1:3", "--max-batch", "2",
                  "--api-key-file", str(key), "--no-verify", "--port", "8123", "--write-config", str(out)]) == 0
     assert f"serve deploy {out}" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["key", "kolors.yaml"]  # atomic: no leftovers
@@ -137,7 +138,7 @@ def test_write_config_is_a_serve_config_for_the_builder(tmp_path, onnx_fp32, cap
                                                                       "kolors_trt.serve.ray_app:app_builder")
     args = app["args"]
     assert args["onnx"] == str(onnx_fp32) and args["api_key_file"] == str(key) and args["autoscale"] == "1:3"
-    assert (args["max_batch_size"], args["no_verify"], args["drain_timeout_s"]) == (2, True, 30.0)
+    assert (args["max_batch"], args["no_verify"], args["drain_timeout_s"]) == (2, True, 30.0)
     assert "replicas" not in args and "port" not in args
     built = ray_app.app_builder(args)  # what `serve deploy` calls with the file's args
     assert type(built).__name__ == "Application"
@@ -148,9 +149,9 @@ def test_the_builder_reads_the_profile_and_never_the_key(onnx_fp32, monkeypatch)
     seen = {}
     real = ray_app.deployment_options
 
-    def spy(config, replicas, autoscale, gpu, batch_ceiling):
-        seen.update(config=config, ceiling=batch_ceiling, replicas=replicas)
-        return real(config, replicas, autoscale, gpu, batch_ceiling)
+    def spy(config, replicas, autoscale, gpu, ceiling):
+        seen.update(config=config, ceiling=ceiling, replicas=replicas)
+        return real(config, replicas, autoscale, gpu, ceiling)
 
     monkeypatch.setattr(ray_app, "deployment_options", spy)
     ray_app.app_builder({"onnx": str(onnx_fp32), "replicas": 3})
@@ -229,6 +230,20 @@ def replicas_seen(server, tries: int = 30) -> set:
             if len(seen) >= 2:
                 break
     return seen
+
+
+def held_by(server, replica=None, tries: int = 200) -> bool:
+    """Whether a /metrics scrape (each goes to one replica) finds a request in flight, on ``replica`` when given;
+    bounded in scrapes (Ray spreads them over the replicas)."""
+    with server.client(timeout=10) as http:
+        for _ in range(tries):
+            r = http.get("/metrics")
+            if replica is not None and r.headers["x-kolors-replica"] != replica:
+                continue
+            if re.search(r"^kolors_trt_in_flight [1-9]", r.text, re.M):
+                return True
+            time.sleep(0.05)
+    return False
 
 
 @pytest.fixture
@@ -325,8 +340,8 @@ def sigkill_of_a_replica_during_a_burst_ends_every_request_and_ray_replaces_it(r
     assert len(before) == 2, before
     victim = min(before)
     victim_pid = int(HEADER.match(victim).group(2))
-    deadline = 30.0
-    body = {"prompt": "a long one", "size": "64x64", "num_inference_steps": 300}  # a few seconds in a batch of 4
+    deadline = 90.0  # past the server's own --timeout-s 60 (then 504): a request without an answer by then hangs
+    body = {"prompt": "a long one", "size": "64x64", "num_inference_steps": 150}  # seconds in a batch of 4
 
     def post(i):
         with ray_server.client(timeout=deadline) as http:
@@ -338,7 +353,7 @@ def sigkill_of_a_replica_during_a_burst_ends_every_request_and_ray_replaces_it(r
     burst = threading.Thread(target=lambda: results.extend(
         live.concurrently([lambda i=i: post(i) for i in range(8)], timeout=deadline + 5)))
     burst.start()
-    time.sleep(0.7)
+    assert held_by(ray_server, victim)  # the victim holds some of the burst
     os.kill(victim_pid, signal.SIGKILL)
     killed = time.monotonic()
     burst.join(deadline + 10)
@@ -364,25 +379,39 @@ def sigkill_of_a_replica_during_a_burst_ends_every_request_and_ray_replaces_it(r
 
 
 def sigterm_answers_the_running_request_exits_0_and_leaves_nothing(ray_server, base):
-    """(4) The request running at SIGTERM is answered; exit 0; no process and no folder left, no ~/.ray."""
+    """(4) The request running at SIGTERM is answered; once the command says so, new requests get the server's own
+    503 at once (the replicas heard the drain) while that request still runs; exit 0; no process and no folder
+    left, no ~/.ray."""
     folder = Path(re.search(r"local Ray instance in (\S+);", ray_server.output).group(1))
     assert folder.parent == base and folder.is_dir() and (folder / "auth_token").is_file()
     assert processes_of(base)  # the instance runs, found by its folder
     running = {}
 
-    def long_request():
-        with ray_server.client(timeout=30) as http:
-            r = http.post("/v1/images/generations", json={"prompt": "p", "size": "64x64", "seed": 1,
-                                                          "num_inference_steps": 200})
-            running["status"] = r.status_code
+    def long_request(seed):
+        with ray_server.client(timeout=90) as http:
+            r = http.post("/v1/images/generations", json={"prompt": "p", "size": "64x64", "seed": seed,
+                                                          "num_inference_steps": 300})
+            running[seed] = r.status_code
 
-    t = threading.Thread(target=long_request)
-    t.start()
-    time.sleep(0.5)
+    # one on each replica (Ray routes to the less busy), so that a /metrics scrape finds one in flight
+    threads = [threading.Thread(target=long_request, args=(seed,)) for seed in (1, 2)]
+    for t in threads:
+        t.start()
+    assert held_by(ray_server)  # the long requests are accepted
     ray_server.signal(signal.SIGTERM)
-    t.join(30)
+    end = time.monotonic() + 30
+    while time.monotonic() < end and not any(line.startswith("draining: new requests get 503") for line in
+                                             ray_server.lines):
+        time.sleep(0.05)
+    with ray_server.client(timeout=30) as http:
+        late = http.post("/v1/images/generations", json={"prompt": "late", "size": "64x64", "num_inference_steps": 1})
+    assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down", late.text
+    assert HEADER.match(late.headers["x-kolors-replica"])  # a replica's answer, not the stand-in's
+    assert len(running) < 2  # answered while a request accepted before SIGTERM still ran
+    for t in threads:
+        t.join(90)
     assert ray_server.wait(60) == 0, ray_server.output
-    assert running.get("status") == 200  # accepted before SIGTERM: answered
+    assert running == {1: 200, 2: 200}  # accepted before SIGTERM: answered
     assert "stopped" in ray_server.lines
     assert not folder.exists()  # session, sockets, logs and the token file went with it
     assert not processes_of(base), [Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in processes_of(base)]

@@ -4,7 +4,7 @@
 //   GET  /v1/models                 the model card: sizes, defaults, and the optional features it advertises
 //   GET  /v1/loras                  LoRAs (404: the server has none; the block stays hidden)
 //   POST /v1/references             the reference image, uploaded once; requests then pass its id
-//   POST /v1/images/generations     stream=true: previews per step, then the final PNG (parameters inside)
+//   POST /v1/images/generations     stream=true, partial_images=3: three previews, then the final PNG
 //
 // Optional blocks (sampler + guidance interval, DeepCache, LoRA) are shown only when the server advertises
 // them, so the page never offers what the server cannot do.
@@ -214,8 +214,8 @@ function selectedSize() {
   return value || "auto";
 }
 
-// Seeds go up to 2**64, past JavaScript's exact integers (2**53): the page keeps them as digit strings, reads
-// them from the server's JSON as strings and writes them into the request's JSON as digits.
+// Seeds are kept as digit strings, read from the server's JSON as strings and written into the request's JSON as
+// digits, so none is ever rounded (the server takes 0 to 2**53 - 1, JSON's exact integers, and says so past it).
 const SEED_IN_JSON = /"seed":\s*(\d+)/g;
 const SEED_HOLDER = "\u0000seed\u0000";
 
@@ -231,7 +231,9 @@ function jsonOf(body) {
 }
 
 function requestBody() {
-  const body = { prompt: $("prompt").value, size: selectedSize(), stream: true, output_format: "png" };
+  // partial_images 3: the most OpenAI's API takes (its default, 0, sends no previews)
+  const body = { prompt: $("prompt").value, size: selectedSize(), stream: true, partial_images: 3,
+                 output_format: "png" };
   if (state.card) body.model = state.card.id;
   const negative = $("negative").value;
   if (negative.trim() !== "") body.negative_prompt = negative;

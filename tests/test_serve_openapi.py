@@ -1,0 +1,78 @@
+"""The OpenAPI document describes what a live `kolors-trt serve` does: schemathesis (`--checks all`: server
+errors, status codes, content types, headers, response schemas, schema-valid data accepted, invalid data
+refused, auth, unsupported methods; its coverage, fuzzing and stateful phases) runs against /openapi.json of a
+server with an API key and small limits, bounded in examples and time."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+_spec = importlib.util.spec_from_file_location("serve_live", Path(__file__).with_name("serve_live.py"))
+live = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(live)
+
+pytestmark = pytest.mark.slow
+
+KEY = "sk-openapi-test-0123"
+EXAMPLES = 3  # per operation and phase
+MAX_TIME_S = 60  # schemathesis' own budget for the run: its fuzzing phase stops there on a loaded machine
+# An upload is schema-valid as any bytes (format: binary) but only an image is usable: the documented 422.
+CONFIG = """
+[[operations]]
+include-path-regex = "^/v1/(images/edits|references)$"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "404", "422", "429"]
+"""
+
+
+@pytest.fixture(scope="module")
+def server(onnx_fp32, tmp_path_factory):
+    key_file = tmp_path_factory.mktemp("openapi") / "key"
+    key_file.write_text(KEY + "\n")
+    srv = live.LiveServer(onnx_fp32, "--api-key-file", str(key_file), "--max-size", "64", "--max-batch", "2",
+                          "--max-steps", "2", "--default-size", "32x32", "--default-steps", "1", "--max-wait-ms", "0",
+                          key=KEY)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def test_the_document_has_the_multipart_bodies_limits_and_every_error(server):
+    doc = httpx.get(f"{server.url}/openapi.json", headers=server.headers, timeout=10).json()
+    paths, schemas = doc["paths"], doc["components"]["schemas"]
+    edit = paths["/v1/images/edits"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert edit["properties"]["image"] == {"type": "string", "format": "binary",
+                                           "description": "the IP-Adapter reference image"}
+    assert {"image", "prompt"} <= set(edit["required"]) and "reference_id" not in edit["properties"]
+    generation = schemas["GenerationParams"]["properties"]
+    assert generation["size"]["pattern"] == "^(auto|(32|64)x(32|64))$"  # --max-size 64, multiples of 32
+    assert generation["n"]["maximum"] == 2 and generation["prompt"]["maxLength"] == 4000
+    assert generation["partial_images"]["maximum"] == 3 and generation["partial_images"]["default"] == 0
+    answers = paths["/v1/images/generations"]["post"]["responses"]
+    assert sorted(answers) == ["200", "400", "401", "404", "413", "429", "500", "503", "504"]
+    assert set(answers["200"]["content"]) == {"application/json", "text/event-stream"}
+    assert answers["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+    assert "422" in paths["/v1/images/edits"]["post"]["responses"]
+    assert set(paths["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    assert paths["/health/ready"]["get"]["security"] == []  # health needs no key; everything else the Bearer key
+    assert paths["/v1/images/generations"]["post"]["security"] == [{"bearer": []}]
+    assert doc["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
+
+
+def test_schemathesis_checks_all_pass_against_the_live_server(server, tmp_path):
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(CONFIG)
+    command = [str(Path(sys.executable).with_name("schemathesis")), "--config-file", str(config), "run",
+               f"{server.url}/openapi.json", "--checks", "all", "-H", f"Authorization: Bearer {KEY}",
+               "--max-examples", str(EXAMPLES), "--generation-deterministic", "--workers", "1",
+               "--max-time", str(MAX_TIME_S), "--request-timeout", "30"]
+    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=MAX_TIME_S + 120)
+    summary = run.stdout[-6000:]
+    assert run.returncode == 0, summary
+    assert "Tested: 8" in run.stdout and " passed" in run.stdout, summary
+    assert "Traceback" not in server.output  # nothing the server did not expect
