@@ -30,6 +30,16 @@ import pytest
 from kolors_trt.runtime.spec import COMPONENTS
 
 
+def pytest_configure(config):
+    """Under pytest-xdist, torch gets the cores divided among the workers: two workers of two threads
+    each on two cores spin-wait for each other, which costs CPU time and wall time alike."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 def pytest_collection_modifyitems(config, items):
     """GPU tests need an NVIDIA GPU (and TensorRT for engines): skipped without one."""
     try:
