@@ -58,7 +58,7 @@ def test_qdq_only_where_the_recipe_puts_them(quantized, tiny, precision):
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
-def test_manifest_records_the_quantization_and_errors_within_tolerance(quantized, store, precision):
+def test_manifest_records_the_quantization_and_errors_within_tolerance(quantized, store, onnx_fp16, precision):
     from kolors_trt.export.calibration import TOLERANCE
     from kolors_trt.runtime.artifacts import read_export_folder
 
@@ -75,6 +75,10 @@ def test_manifest_records_the_quantization_and_errors_within_tolerance(quantized
     assert e["calls"] == cal.steps  # the 2 held-out prompts run as one batch: one UNet call a step
     assert 0 < e["rms_rel_err"] <= tol["rms_rel_err"] and 0 < e["max_rel_err"] <= tol["max_rel_err"]
     assert tol["min_psnr_db"] <= e["image_psnr_db"] < 99  # not identical to the fp16 image: it is 8-bit
+    # The image reference: a full export (int8) exports the fp16 UNet graph; adding the UNet to an fp16 export
+    # (fp8) links that folder's. The same graph byte for byte: the fp16 export's UNet.
+    assert e["image_reference"].startswith("exported" if precision == "int8" else "the folder's")
+    assert e["image_reference_sha256"] == read_export_folder(onnx_fp16).components["unet"].entry["sha256"]
     assert entry["validation"]["rel_err"] == e["max_rel_err"]
     assert folder.components["text_encoder"].precision == "fp16"
 
