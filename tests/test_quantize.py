@@ -181,7 +181,9 @@ def test_cli_refuses_calibration_flags_without_a_quantized_unet(tiny, tmp_path, 
 
 def test_quantize_extra_keeps_the_other_extras_versions(tmp_path):
     """pip resolves [quantize] with every other extra against this environment without installing,
-    upgrading or downgrading onnx / onnxruntime, and without onnxruntime-gpu (modelopt[onnx] would)."""
+    upgrading or downgrading onnx / onnxruntime, and without onnxruntime-gpu (modelopt[onnx] would).
+    Offline (--no-index): a requirement this environment does not satisfy fails the resolution, one
+    that a local wheel (PIP_FIND_LINKS) would satisfy shows in the report."""
     from importlib.metadata import PackageNotFoundError, version
 
     import onnxruntime
@@ -189,8 +191,8 @@ def test_quantize_extra_keeps_the_other_extras_versions(tmp_path):
     root = Path(__file__).resolve().parents[1]
     report = tmp_path / "report.json"
     extras = "export,test,tensorrt-rtx,bench,serve,ray,quantize"
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--no-build-isolation",
-                           "--report", str(report), "-e", f"{root}[{extras}]"],
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--no-index",
+                           "--no-build-isolation", "--report", str(report), "-e", f"{root}[{extras}]"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     changed = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
@@ -199,6 +201,18 @@ def test_quantize_extra_keeps_the_other_extras_versions(tmp_path):
     with pytest.raises(PackageNotFoundError):
         version("onnxruntime-gpu")
     assert version("nvidia-modelopt").startswith("0.47")
+
+
+def test_export_stack_imports_no_modelopt():
+    """ModelOpt (which imports transformers, diffusers and torch's compiler stack) loads only when a UNet is
+    quantized: importing the CLI, the exporter, the calibration and the build imports none of it."""
+    code = ("import json, sys, kolors_trt.cli, kolors_trt.export.exporter, kolors_trt.export.calibration, "
+            "kolors_trt.export.quantize, kolors_trt.export.quantized_unet, kolors_trt.engines.builder, "
+            "kolors_trt.engines.precision; print(json.dumps([m for m in ('modelopt', 'torch', 'diffusers') "
+            "if m in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 
 # ---- engines -----------------------------------------------------------------------------------
