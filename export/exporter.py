@@ -268,7 +268,7 @@ def export_all(weights: Path, ip_adapter: Path, out: Path, precisions: dict,
                 start = time.perf_counter()
                 quantization = None
                 if name == "unet" and cal is not None:
-                    quantization = _export_quantized(comps, cal, out, staged, entries, old, paths, runtime)
+                    quantization = _export_quantized(comps, cal, out, staged, entries, old, paths, runtime, fingerprint)
                     parity = _quantized_parity(spec, file, quantization)
                 else:
                     export_onnx(comps.graph(name, precision), spec, export_dims(comps.dims), file)  # the copy is freed here
@@ -323,8 +323,9 @@ def _calibration(precisions: dict, components, calibration):
     return cal
 
 
-def _export_quantized(comps, cal, out: Path, staged: dict, entries: dict, old, paths, runtime) -> dict:
-    """The quantized UNet into staged["unet"]; the other graphs from this export or the folder it adds to."""
+def _export_quantized(comps, cal, out: Path, staged: dict, entries: dict, old, paths, runtime, fingerprint: str) -> dict:
+    """The quantized UNet into staged["unet"]; the other graphs from this export or the folder it adds to,
+    and the folder's fp16 UNet graph of this checkpoint, when it holds one, as the image reference."""
     from .quantized_unet import OTHERS, export_quantized_unet
 
     graphs, others = {}, {}
@@ -336,6 +337,10 @@ def _export_quantized(comps, cal, out: Path, staged: dict, entries: dict, old, p
         else:
             raise PrecisionError(f"export: a {cal.precision} UNet is calibrated in the pipeline of the other graphs; "
                                  f"{out} has no {name}: export all components together (omit --components)")
+    unet = old.components.get("unet") if old is not None else None
+    if unet is not None and unet.precision == "fp16" and unet.entry.get("checkpoint") == fingerprint \
+            and unet.entry.get("opset") == OPSET:
+        graphs["unet"] = out  # what export_onnx would write again (the export is deterministic)
     return export_quantized_unet(comps, cal, out, staged["unet"], graphs, others, paths, comps.dims, runtime,
                                  export_dims(comps.dims))
 

@@ -4,7 +4,8 @@ Called by the exporter after the text encoder, image encoder and VAE graphs of t
 export are staged (or, with --components unet, taken from the folder it adds to):
 
 1. a calibration folder (a staging folder: removed at the end) holds those three graphs
-   and the fp16 UNet graph, which is the reference for the image check;
+   and the fp16 UNet graph, which is the reference for the image check (exported, or, when
+   the folder the UNet is added to holds one of this checkpoint, linked from it);
 2. the runtime's Pipeline opens it on ONNX Runtime, with the fp32 torch UNet in place of
    the UNet graph (calibration.TorchUNet);
 3. held-out prompts run first: every UNet call's inputs and fp32 output are recorded;
@@ -57,19 +58,20 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def calibration_folder(out: Path, comps, graphs: dict, entries: dict, paths, dims, runtime, values: dict) -> Path:
+def calibration_folder(out: Path, comps, graphs: dict, entries: dict, paths, dims, runtime, values: dict) -> tuple:
     """An export folder of the other graphs (``graphs``: name -> folder holding {name}.onnx) and the
-    fp16 UNet graph, in a staging folder of ``out``."""
+    fp16 UNet graph (from ``graphs["unet"]`` when given, else exported), in a staging folder of ``out``;
+    returns (folder, the fp16 UNet graph's sha256)."""
     folder = F.stage_dir(out, "calibration")
-    for name in OTHERS:
+    for name in (*OTHERS, "unet"):
         for file in (f"{name}.onnx", f"{name}.onnx.data"):
-            if (Path(graphs[name]) / file).is_file():
+            if name in graphs and (Path(graphs[name]) / file).is_file():
                 _link(Path(graphs[name]) / file, folder / file)
-    spec = S.engine_specs(dims)["unet"]
-    export_onnx(comps.graph("unet", "fp16"), spec, values, folder / "unet.onnx")
+    if "unet" not in graphs:
+        export_onnx(comps.graph("unet", "fp16"), S.engine_specs(dims)["unet"], values, folder / "unet.onnx")
     fp16 = {**F.graph_fields(folder, "unet"), "precision": "fp16"}
     F.write_manifest(folder, paths, dims, runtime, {**{n: entries[n] for n in OTHERS}, "unet": fp16})
-    return folder
+    return folder, fp16["sha256"]
 
 
 def export_quantized_unet(comps, cal: Calibration, out: Path, stage: Path, graphs: dict, entries: dict, paths,
@@ -82,7 +84,7 @@ def export_quantized_unet(comps, cal: Calibration, out: Path, stage: Path, graph
     from kolors_trt.runtime.pipeline import Pipeline
 
     precision = cal.precision
-    folder = calibration_folder(out, comps, graphs, entries, paths, dims, runtime, values)
+    folder, reference = calibration_folder(out, comps, graphs, entries, paths, dims, runtime, values)
     try:
         pipe = Pipeline.load(folder, backend="onnxruntime", verify=False)
         fp16_unet = pipe.engines["unet"]
@@ -129,7 +131,9 @@ def export_quantized_unet(comps, cal: Calibration, out: Path, stage: Path, graph
         "calibration": {**cal.as_json(), "device": device, "seconds": round(seconds, 2),
                         "peak_rss_mb": round(peak) if measured else None, "rss_before_mb": round(rss_before),
                         "module_bytes_fp32": weights_bytes, "export_seconds": round(export_seconds, 2)},
-        "error": {**errors, "image_psnr_db": psnr, "image_reference": "fp16 UNet graph, same prompts and seeds",
+        "error": {**errors, "image_psnr_db": psnr,
+                  "image_reference": ("the folder's" if "unet" in graphs else "exported") + " fp16 UNet graph, same "
+                                     "prompts and seeds", "image_reference_sha256": reference,
                   "step_reference": f"fp32 PyTorch module on {errors['calls']} recorded held-out UNet calls"},
         "tolerance": dict(TOLERANCE[precision]),
     }

@@ -2,7 +2,9 @@
 stand-in (tests/trt_standin) with engine folders and Pipelines on it.
 
 Session-scoped and built on demand: a test that needs an fp16 export of the
-alternative preset pays for it once per run.
+alternative preset pays for it once per run. The 8-bit exports (calibration and an
+8-bit trace: the costliest fixtures) are built once per run and shared by the
+pytest-xdist workers.
 
 The TensorRT backend on the CPU (see tests/test_runtime_trt.py):
 
@@ -18,12 +20,24 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
 from kolors_trt.runtime.spec import COMPONENTS
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, torch gets the cores divided among the workers: two workers of two threads
+    each on two cores spin-wait for each other, which costs CPU time and wall time alike."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -42,9 +56,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# The 8-bit exports' calibration in tests: 2 prompts x 3 steps at 64x64 (NVIDIA's recipe, the default,
+# is 32 or 128 prompts x 20 steps at 1024x1024); 2 held-out prompts measure the error.
+QUICK_CALIBRATION = {"count": 2, "steps": 3, "size": (64, 64), "batch": 2}
+
+
 class _Store:
-    def __init__(self, root):
+    def __init__(self, root, shared):
         self.root = root
+        self.shared = shared  # seen by every xdist worker of this run
         self.cache = {}
 
     def tiny(self, preset: str = "default"):
@@ -66,11 +86,68 @@ class _Store:
             self.cache[key] = (out, results)
         return self.cache[key]
 
+    @staticmethod
+    def calibration(precision: str):
+        from kolors_trt.export.calibration import calibration
+
+        c = QUICK_CALIBRATION
+        return calibration(precision, None, c["count"], c["steps"], c["size"], c["batch"])
+
+    def quantized(self, precision: str):
+        """Export folder of the default tiny checkpoint with the UNet at int8 or fp8 (calibration(precision)):
+        int8 exports every component; fp8 adds the UNet to a copy of the fp16 export (--components unet),
+        calibrated in the pipeline of that folder's graphs. Built once per run by the first worker that asks
+        (a file lock per precision). A worker that finds the one it asks for being built builds the other
+        meanwhile, unless someone does: the two build in parallel."""
+        key = ("quantized", precision)
+        if key not in self.cache:
+            from filelock import FileLock, Timeout
+
+            locks = {p: FileLock(f"{self.shared / f'quantized-{p}'}.lock") for p in ("int8", "fp8")}
+            try:
+                locks[precision].acquire(timeout=0)
+            except Timeout:
+                other = "fp8" if precision == "int8" else "int8"
+                try:
+                    with locks[other].acquire(timeout=0):
+                        self._build_quantized(other)
+                except Timeout:
+                    pass  # being built too
+                locks[precision].acquire()
+            try:
+                self.cache[key] = self._build_quantized(precision)
+            finally:
+                locks[precision].release()
+        return self.cache[key]
+
+    def _build_quantized(self, precision: str):
+        """The folder of quantized(precision), exported unless there (the caller holds its lock); renamed
+        into place when complete, so that a folder there is whole."""
+        from kolors_trt.export.exporter import export_all, resolve_precisions
+
+        out = self.shared / f"quantized-{precision}"
+        if out.is_dir():
+            return out
+        kolors, ip = self.tiny("default")
+        building = out.with_name(out.name + ".building")
+        shutil.rmtree(building, ignore_errors=True)  # what a killed worker left
+        components = COMPONENTS
+        if precision == "fp8":
+            shutil.copytree(self.export("default", "fp16")[0], building)
+            components = ("unet",)
+        export_all(kolors, ip, building, resolve_precisions("fp16", {"unet": precision}), components, progress=False,
+                   calibration=self.calibration(precision))
+        building.rename(out)
+        return out
+
 
 @pytest.fixture(scope="session")
 def store(tmp_path_factory):
     logging.getLogger("kolors_trt").setLevel(logging.WARNING)
-    return _Store(tmp_path_factory.mktemp("kolors"))
+    base = tmp_path_factory.getbasetemp()
+    # xdist workers' temporary roots are folders of the run's own (pytest-xdist's "execute once" recipe)
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    return _Store(tmp_path_factory.mktemp("kolors"), shared)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ from both on ONNX Runtime, TensorRT-RTX AOT builds, and the FP8 compute-capabili
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,37 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kolors_trt.runtime.spec import COMPONENTS, Profile
+from kolors_trt.runtime.spec import Profile
 
 pytest.importorskip("modelopt")
 onnx = pytest.importorskip("onnx")
 
-# Small enough for the suite: 2 calibration prompts x 3 steps at 64x64 (2 held-out prompts).
-SMALL = {"count": 2, "steps": 3, "size": (64, 64), "batch": 2}
-
-
-def _calibration(precision):
-    from kolors_trt.export.calibration import calibration
-
-    return calibration(precision, None, SMALL["count"], SMALL["steps"], SMALL["size"], SMALL["batch"])
-
-
-@pytest.fixture(scope="module")
-def quantized(tiny, tmp_path_factory):
-    """{precision: export folder}: int8 exports every component; fp8 replaces the UNet of a copy
-    of it (--components unet: calibrated in the pipeline of the folder's other graphs)."""
-    from kolors_trt.export.exporter import export_all, resolve_precisions
-
-    kolors, ip = tiny
-    root = tmp_path_factory.mktemp("quantized")
-    int8 = root / "int8"
-    export_all(kolors, ip, int8, resolve_precisions("fp16", {"unet": "int8"}), COMPONENTS, progress=False,
-               calibration=_calibration("int8"))
-    fp8 = root / "fp8"
-    shutil.copytree(int8, fp8)
-    export_all(kolors, ip, fp8, resolve_precisions("fp16", {"unet": "fp8"}), ("unet",), progress=False,
-               calibration=_calibration("fp8"))
-    return {"int8": int8, "fp8": fp8}
+@pytest.fixture(scope="session")
+def quantized(store):
+    """quantized(precision) -> export folder: int8 exports every component; fp8 adds the UNet to a copy of
+    the fp16 export (--components unet). Calibrated on store.calibration(precision): 2 prompts x 3 steps
+    at 64x64 (conftest.QUICK_CALIBRATION), built once per run and shared by the xdist workers."""
+    return store.quantized
 
 
 def _manifest(folder: Path) -> dict:
@@ -57,7 +36,7 @@ def test_qdq_only_where_the_recipe_puts_them(quantized, tiny, precision):
     from kolors_trt.export.exporter import Components
     from kolors_trt.export.quantize import qdq_layers, quantized_layers
 
-    model = onnx.load(str(quantized[precision] / "unet.onnx"))
+    model = onnx.load(str(quantized(precision) / "unet.onnx"))
     expected = set(quantized_layers(Components(ck.resolve(*tiny)).graph("unet", "fp32")))
     found = qdq_layers(model)
     assert set(found) == expected  # every recipe layer, and nothing else (no attention matmul, no skipped layer)
@@ -79,32 +58,37 @@ def test_qdq_only_where_the_recipe_puts_them(quantized, tiny, precision):
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
-def test_manifest_records_the_quantization_and_errors_within_tolerance(quantized, precision):
+def test_manifest_records_the_quantization_and_errors_within_tolerance(quantized, store, onnx_fp16, precision):
     from kolors_trt.export.calibration import TOLERANCE
     from kolors_trt.runtime.artifacts import read_export_folder
 
-    folder = read_export_folder(quantized[precision])  # verifies every hash: the folder is valid
+    folder = read_export_folder(quantized(precision))  # verifies every hash: the folder is valid
     entry = folder.components["unet"].entry
     q = entry["quantization"]
     assert entry["precision"] == q["mode"] == precision and entry["opset"] == 19
     assert q["recipe"]["name"] == "nvidia-sdxl-level3" and q["recipe"]["quantized_layers"] > 0
-    assert q["calibration"]["sha256"] == _calibration(precision).sha256()
+    cal = store.calibration(precision)
+    assert q["calibration"]["sha256"] == cal.sha256()
     assert (q["calibration"]["count"], q["calibration"]["steps"], q["calibration"]["size"]) == (2, 3, [64, 64])
     assert q["calibration"]["seconds"] > 0 and q["calibration"]["peak_rss_mb"] > 0
     e, tol = q["error"], TOLERANCE[precision]
-    assert e["calls"] == SMALL["steps"]  # the 2 held-out prompts run as one batch: one UNet call a step
+    assert e["calls"] == cal.steps  # the 2 held-out prompts run as one batch: one UNet call a step
     assert 0 < e["rms_rel_err"] <= tol["rms_rel_err"] and 0 < e["max_rel_err"] <= tol["max_rel_err"]
     assert tol["min_psnr_db"] <= e["image_psnr_db"] < 99  # not identical to the fp16 image: it is 8-bit
+    # The image reference: a full export (int8) exports the fp16 UNet graph; adding the UNet to an fp16 export
+    # (fp8) links that folder's. The same graph byte for byte: the fp16 export's UNet.
+    assert e["image_reference"].startswith("exported" if precision == "int8" else "the folder's")
+    assert e["image_reference_sha256"] == read_export_folder(onnx_fp16).components["unet"].entry["sha256"]
     assert entry["validation"]["rel_err"] == e["max_rel_err"]
     assert folder.components["text_encoder"].precision == "fp16"
 
 
-def test_quantized_unet_is_smaller_than_fp16(quantized, onnx_fp16):
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_quantized_unet_is_smaller_than_fp16(quantized, onnx_fp16, precision):
     def size(folder):
         return sum(p.stat().st_size for p in folder.glob("unet.onnx*"))
 
-    assert size(quantized["int8"]) < size(onnx_fp16)
-    assert size(quantized["fp8"]) < size(onnx_fp16)
+    assert size(quantized(precision)) < size(onnx_fp16)
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
@@ -115,7 +99,7 @@ def test_runtime_generates_from_the_quantized_folder(quantized, onnx_fp16, preci
 
     args = dict(prompt="a cat among flowers", height=96, width=64, num_inference_steps=4, seed=7, ip_adapter_scale=0.0,
                 output_type="np")
-    got = Pipeline.load(quantized[precision]).generate(**args).images
+    got = Pipeline.load(quantized(precision)).generate(**args).images
     want = Pipeline.load(onnx_fp16).generate(**args).images
     assert got.shape == want.shape == (1, 96, 64, 3) and np.isfinite(got).all()
     assert TOLERANCE[precision]["min_psnr_db"] <= psnr_db(got, want) < 99
@@ -197,7 +181,9 @@ def test_cli_refuses_calibration_flags_without_a_quantized_unet(tiny, tmp_path, 
 
 def test_quantize_extra_keeps_the_other_extras_versions(tmp_path):
     """pip resolves [quantize] with every other extra against this environment without installing,
-    upgrading or downgrading onnx / onnxruntime, and without onnxruntime-gpu (modelopt[onnx] would)."""
+    upgrading or downgrading onnx / onnxruntime, and without onnxruntime-gpu (modelopt[onnx] would).
+    Offline (--no-index): a requirement this environment does not satisfy fails the resolution, one
+    that a local wheel (PIP_FIND_LINKS) would satisfy shows in the report."""
     from importlib.metadata import PackageNotFoundError, version
 
     import onnxruntime
@@ -205,8 +191,8 @@ def test_quantize_extra_keeps_the_other_extras_versions(tmp_path):
     root = Path(__file__).resolve().parents[1]
     report = tmp_path / "report.json"
     extras = "export,test,tensorrt-rtx,bench,serve,ray,quantize"
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--no-build-isolation",
-                           "--report", str(report), "-e", f"{root}[{extras}]"],
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--no-index",
+                           "--no-build-isolation", "--report", str(report), "-e", f"{root}[{extras}]"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     changed = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
@@ -215,6 +201,18 @@ def test_quantize_extra_keeps_the_other_extras_versions(tmp_path):
     with pytest.raises(PackageNotFoundError):
         version("onnxruntime-gpu")
     assert version("nvidia-modelopt").startswith("0.47")
+
+
+def test_export_stack_imports_no_modelopt():
+    """ModelOpt (which imports transformers, diffusers and torch's compiler stack) loads only when a UNet is
+    quantized: importing the CLI, the exporter, the calibration and the build imports none of it."""
+    code = ("import json, sys, kolors_trt.cli, kolors_trt.export.exporter, kolors_trt.export.calibration, "
+            "kolors_trt.export.quantize, kolors_trt.export.quantized_unet, kolors_trt.engines.builder, "
+            "kolors_trt.engines.precision; print(json.dumps([m for m in ('modelopt', 'torch', 'diffusers') "
+            "if m in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 
 # ---- engines -----------------------------------------------------------------------------------
@@ -228,7 +226,7 @@ def test_rtx_builds_int8_for_the_default_set(quantized, tmp_path):
     from kolors_trt.engines.manifest import verify_engine_folder
     from kolors_trt.engines.targets import RTX_DEFAULT_COMPUTE_CAPABILITIES
 
-    (r,) = build_engines(quantized["int8"], tmp_path / "e", target="tensorrt-rtx", profile=STATIC, components=["unet"])
+    (r,) = build_engines(quantized("int8"), tmp_path / "e", target="tensorrt-rtx", profile=STATIC, components=["unet"])
     entry = verify_engine_folder(tmp_path / "e")["engines"]["unet"]
     assert r.precision == entry["precision"] == "int8" and r.plan_bytes > 0
     assert entry["compute_capabilities"] == list(RTX_DEFAULT_COMPUTE_CAPABILITIES)
@@ -242,7 +240,7 @@ def test_fp8_target_rule_refuses_below_sm89(quantized, tmp_path):
 
     for ccs, where in ((None, "the default set has SM80, SM86"), (["8.6", "8.9"], "--compute-capability has SM86")):
         with pytest.raises(UnsupportedTargetError, match=where) as err:
-            build_engines(quantized["fp8"], tmp_path / "e", target="tensorrt-rtx", profile=STATIC,
+            build_engines(quantized("fp8"), tmp_path / "e", target="tensorrt-rtx", profile=STATIC,
                           components=["unet"], compute_capabilities=ccs)
         assert "--drop-unsupported-targets" in str(err.value) and "8.9" in str(err.value)
         assert not (tmp_path / "e").exists()
@@ -254,7 +252,7 @@ def test_fp8_builds_for_the_supported_subset(quantized, tmp_path):
     from kolors_trt.engines.builder import build_engines
     from kolors_trt.engines.manifest import verify_engine_folder
 
-    (r,) = build_engines(quantized["fp8"], tmp_path / "e", target="tensorrt-rtx", profile=STATIC, components=["unet"],
+    (r,) = build_engines(quantized("fp8"), tmp_path / "e", target="tensorrt-rtx", profile=STATIC, components=["unet"],
                          drop_unsupported_targets=True)
     entry = verify_engine_folder(tmp_path / "e")["engines"]["unet"]
     assert r.precision == entry["precision"] == "fp8"
@@ -274,7 +272,7 @@ def test_plan_targets_rule():
 def test_bench_on_onnxruntime_says_qdq_timings_are_not_indicative(quantized, onnx_fp16, capsys):
     from kolors_trt.cli import main
 
-    code = main(["bench", "--onnx", str(quantized["int8"]), "--size", "64x64", "--steps", "2", "--warmup", "0",
+    code = main(["bench", "--onnx", str(quantized("int8")), "--size", "64x64", "--steps", "2", "--warmup", "0",
                  "--runs", "1", "--compare", str(onnx_fp16)])
     out = capsys.readouterr().out
     assert code == 0 and "UNet step: int8" in out and ", fp16 (" in out
