@@ -12,7 +12,9 @@ The rules for fields, stated once:
   [0, 2**53) (JSON's exact integers; a request without one gets a random seed in that range,
   returned in ``parameters``), num_inference_steps [1, --max-steps], guidance_scale [0, 100] (ComfyUI's
   CFG range), ip_adapter_scale [0, 5] (ComfyUI IPAdapter's weight range, negatives left
-  out); and reference_id on generations. Values past the bounds are refused (400)
+  out), scheduler (a sampler name; GET /v1/models lists them), guidance_interval
+  ([low, high] in sigma units, 0 <= low < high, finite; "LOW:HIGH" in a multipart form);
+  and reference_id on generations. Values past the bounds are refused (400)
   before a request queues, so one request can no longer overflow a shared batch.
 - Types are strict: a number takes a JSON number (not true, not "4"), a boolean takes
   true or false. Multipart fields are text: a number there is ASCII decimal digits
@@ -41,9 +43,10 @@ import secrets
 import typing
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, field_validator, model_validator
 
-from kolors_trt.runtime.request import GenerationRequest
+from kolors_trt.runtime.request import GenerationRequest, PipelineInputError, guidance_interval
+from kolors_trt.runtime.samplers import SAMPLERS
 from kolors_trt.runtime.tokenizer import check_text
 
 from .errors import NotFoundError, ServeInputError
@@ -69,10 +72,11 @@ def _integral(value):
 
 
 def _kind(annotation) -> type:
-    """int, float, bool or str: what a field's value is, Optional and Literal taken off."""
+    """int, float, bool, str or list (of floats): what a field's value is, Optional and Literal taken off."""
     if typing.get_origin(annotation) is typing.Union:
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-    return str if typing.get_origin(annotation) is Literal else annotation
+    origin = typing.get_origin(annotation)
+    return str if origin is Literal else list if origin is list else annotation
 
 
 class ImageParams(BaseModel):
@@ -102,6 +106,16 @@ class ImageParams(BaseModel):
     num_inference_steps: Optional[int] = Field(None, ge=1)  # at most --max-steps (check_limits)
     guidance_scale: Optional[float] = Field(None, ge=0, le=100, allow_inf_nan=False)
     ip_adapter_scale: Optional[float] = Field(None, ge=0, le=5, allow_inf_nan=False)
+    scheduler: Optional[Literal[tuple(SAMPLERS)]] = None
+    guidance_interval: Optional[list[FiniteFloat]] = Field(None, min_length=2, max_length=2)
+
+    @field_validator("guidance_interval")
+    @classmethod
+    def _interval(cls, value):
+        try:
+            return None if value is None else list(guidance_interval(value))  # the runtime's rule: 0 <= low < high
+        except PipelineInputError as err:
+            raise ValueError(str(err).removeprefix("pipeline: guidance_interval ").split(", found")[0]) from None
 
     @model_validator(mode="before")
     @classmethod
@@ -169,7 +183,10 @@ def form_value(name: str, text: str, kind: type):
         return BOOL_TEXT[text.lower()]
     if kind is str:
         return text
-    what = {int: "an integer in ASCII digits", float: "a decimal number in ASCII digits", bool: "true or false"}
+    if kind is list and len(text) <= 400 and all(FLOAT_TEXT.match(part) for part in text.split(":")):
+        return [float(part) for part in text.split(":")]  # LOW:HIGH, the CLI's form
+    what = {int: "an integer in ASCII digits", float: "a decimal number in ASCII digits", bool: "true or false",
+            list: "LOW:HIGH in ASCII decimal numbers"}
     shown = repr(text) if len(text) <= 40 else f"{len(text)} characters"
     raise ServeInputError(f"{name}: expected {what[kind]}, found {shown}", name)
 
@@ -254,7 +271,8 @@ def generation_request(params: ImageParams, pipe, image: Optional[bytes], tokens
         ip_scale = 0.0
     seed = secrets.randbelow(MAX_SEED + 1) if params.seed is None else params.seed
     return GenerationRequest(params.prompt, image, params.negative_prompt, height, width, steps,
-                             params.guidance_scale, ip_scale, seed, params.n, tokens)
+                             params.guidance_scale, ip_scale, seed, params.n, tokens, scheduler=params.scheduler,
+                             guidance_interval=params.guidance_interval)
 
 
 def preview_steps(partial_images: int, steps: int) -> frozenset:
