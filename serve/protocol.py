@@ -41,9 +41,9 @@ import logging
 import re
 import secrets
 import typing
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kolors_trt.runtime.request import GenerationRequest, PipelineInputError, guidance_interval
 from kolors_trt.runtime.samplers import SAMPLERS
@@ -61,6 +61,9 @@ TYPO_RATIO = 0.8
 INT_TEXT = re.compile(r"[+-]?[0-9]+\Z")  # re's [0-9] is ASCII: "٤" is no digit here
 FLOAT_TEXT = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?\Z")
 BOOL_TEXT = {"true": True, "false": False}
+MAX_SIGMA = 1e6  # a guidance interval's bounds: far above any schedule's sigma (Kolors' largest is 29)
+_SIGMA = r"[0-9]{1,6}(\.[0-9]{1,9})?"  # below MAX_SIGMA, so the form and JSON take the same values
+INTERVAL_TEXT = re.compile(f"{_SIGMA}:{_SIGMA}\\Z")  # guidance_interval in a form: LOW:HIGH, ASCII digits
 
 
 def _integral(value):
@@ -107,7 +110,9 @@ class ImageParams(BaseModel):
     guidance_scale: Optional[float] = Field(None, ge=0, le=100, allow_inf_nan=False)
     ip_adapter_scale: Optional[float] = Field(None, ge=0, le=5, allow_inf_nan=False)
     scheduler: Optional[Literal[tuple(SAMPLERS)]] = None
-    guidance_interval: Optional[list[FiniteFloat]] = Field(None, min_length=2, max_length=2)
+    guidance_interval: Optional[list[Annotated[float, Field(ge=0, le=MAX_SIGMA, allow_inf_nan=False)]]] = Field(
+        None, min_length=2, max_length=2, description="[low, high] in sigma units, low < high: classifier-free "
+        "guidance only at steps whose sigma is in (low, high]")
 
     @field_validator("guidance_interval")
     @classmethod
@@ -183,10 +188,10 @@ def form_value(name: str, text: str, kind: type):
         return BOOL_TEXT[text.lower()]
     if kind is str:
         return text
-    if kind is list and len(text) <= 400 and all(FLOAT_TEXT.match(part) for part in text.split(":")):
+    if kind is list and len(text) <= 400 and INTERVAL_TEXT.match(text):
         return [float(part) for part in text.split(":")]  # LOW:HIGH, the CLI's form
     what = {int: "an integer in ASCII digits", float: "a decimal number in ASCII digits", bool: "true or false",
-            list: "LOW:HIGH in ASCII decimal numbers"}
+            list: "LOW:HIGH, two decimal numbers in ASCII digits (at most 6 before the point)"}
     shown = repr(text) if len(text) <= 40 else f"{len(text)} characters"
     raise ServeInputError(f"{name}: expected {what[kind]}, found {shown}", name)
 

@@ -247,7 +247,7 @@ BAD = [  # (what, request, status, error.code, error.param); a callable value is
     ("guidance interval low >= high", ("/v1/images/generations", {"json": {**GOOD, "guidance_interval": [5, 1]}}),
      400, "invalid_value", "guidance_interval"),
     ("negative guidance interval", ("/v1/images/generations", {"json": {**GOOD, "guidance_interval": [-1, 1]}}), 400,
-     "invalid_value", "guidance_interval"),
+     "invalid_value", "guidance_interval.0"),
     ("guidance interval of one value", ("/v1/images/generations", {"json": {**GOOD, "guidance_interval": [1]}}), 400,
      "invalid_value", "guidance_interval"),
     ("guidance interval in a form", ("/v1/images/edits", edit(png(7), guidance_interval="5:1")), 400, "invalid_value",
