@@ -117,6 +117,10 @@ def _bench(args) -> int:
     defaults = {**S.SAMPLING_DEFAULTS, **manifest.get("runtime", {}).get("defaults", {})}
     height, width = args.size or (defaults["height"], defaults["width"])
     steps = args.steps if args.steps is not None else defaults["num_inference_steps"]
+    samplers = args.scheduler is not None or args.guidance_interval is not None
+    if samplers and (args.batch is not None or args.baseline or args.plot or args.server or args.compare):
+        raise B.BenchError("bench: --scheduler / --guidance-interval compare samplers of kolors-trt with its Euler "
+                           "default; they take neither --batch, --baseline, --plot, --server nor --compare")
     if args.server:
         from kolors_trt import loadgen
 
@@ -124,6 +128,15 @@ def _bench(args) -> int:
     config = B.BenchConfig(height, width, steps, args.warmup, args.runs, defaults["guidance_scale"],
                            defaults["ip_adapter_scale"])
     cuda_graph = {"auto": None, "on": True, "off": False}[args.cuda_graph]
+    if samplers:
+        from kolors_trt import bench_samplers
+
+        chosen = bench_samplers.variants(defaults["num_inference_steps"], args.scheduler, steps, args.guidance_interval)
+        result = bench_samplers.bench_samplers(folder, args.backend, config, chosen, cuda_graph)
+        result["environment"] = B.environment(result["backend"])
+        print(bench_samplers.markdown(result, result["environment"]))
+        B.write_outputs(result, args.json, None)
+        return 0
     if args.batch is not None:
         from kolors_trt import bench_batch
 
@@ -222,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "a time, in the same run")
     p.add_argument("--compare", metavar="FOLDER",
                    help="also run FOLDER (e.g. fp16 engines beside int8/fp8 ones) and compare the UNet step times")
+    from kolors_trt.runtime.cli import add_sampler_arguments
+
+    add_sampler_arguments(p)  # with either: the sampler against the Euler default (UNet rows, wall time)
     p.add_argument("--json", help="write every raw sample, the environment and the configuration here")
     p.add_argument("--plot", help="write a PNG of per-stage time here")
     p.add_argument("--server", metavar="URL", help="load-test a running kolors-trt serve at URL instead (the folder "

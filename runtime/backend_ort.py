@@ -12,8 +12,9 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from .engine import Backend, Engine, StepCallback, conditioning_rows, guidance_column
+from .engine import Backend, DenoiseBatch, Engine, StepCallback, guidance_column, step_rows
 from .folder import BackendError, FolderError, ModelFolder
+from .samplers import SamplerTables, sampler_step
 from .spec import COMPONENTS, EngineSpec
 
 logger = logging.getLogger(__name__)
@@ -75,29 +76,43 @@ class OrtBackend(Backend):
         specs = folder.specs
         return cls({name: OrtEngine(specs[name], folder.files[name]) for name in COMPONENTS})
 
-    def denoise(self, latents: np.ndarray, conditioning: Mapping[str, np.ndarray], scheduler, guidance: np.ndarray,
-                do_cfg: bool, on_step: Optional[StepCallback] = None) -> np.ndarray:
+    def denoise(self, batch: DenoiseBatch, sampler: SamplerTables, on_step: Optional[StepCallback] = None) -> np.ndarray:
         unet = self.engines["unet"]
-        cond = dict(conditioning)
-        g = guidance_column(guidance)  # [n, 1, 1, 1]
-        for i, t in enumerate(scheduler.timesteps):
-            model_input = np.concatenate([latents, latents]) if do_cfg else latents  # [2n or n, C, h, w]
-            model_input = scheduler.scale_model_input(model_input, i)
-            feeds = {"sample": model_input, "timestep": np.array([t], dtype=np.float32), **cond}
+        fewest = unet.spec.dims["unet_batch"].min
+        x = batch.latents
+        previous = [np.zeros_like(x)] * max(sampler.history - 1, 0)  # the last data predictions, newest first
+        base = x  # UniPC's corrected sample of the previous step
+        for i, t in enumerate(sampler.timesteps):
+            k = sampler.at(i)
+            guided, rows = step_rows(batch.cfg[i], fewest)
+            sample = np.concatenate([x[guided], x]) / k.divisor  # [rows, C, h, w]: the guided uncond rows, then cond
+            if len(rows) > len(sample):
+                sample = np.concatenate([sample, np.repeat(sample[-1:], len(rows) - len(sample), axis=0)])
+            feeds = {"sample": sample, "timestep": np.array([t], dtype=np.float32),
+                     **{name: value[rows] for name, value in batch.conditioning.items()}}
             noise = unet.run(feeds, finite=False)["noise_pred"]  # rows of several requests: checked per request
-            if do_cfg:
-                uncond, text = np.split(noise, 2)
-                noise = uncond + g * (text - uncond)
-            latents = scheduler.step(noise, i, latents)
-            keep = on_step(i, lambda: latents) if on_step is not None else None
+            uncond, model_output = noise[: len(guided)], noise[len(guided): len(guided) + len(x)]
+            if len(guided):
+                g = guidance_column(batch.guidance[guided])
+                combined = uncond + g * (model_output[guided] - uncond)
+                model_output = combined if len(guided) == len(x) else _put(model_output, guided, combined)
+            x, y, base = sampler_step(k, x, model_output, previous, base, None if batch.noise is None else batch.noise[i])
+            previous = [y, *previous][: len(previous)]
+            keep = on_step(i, lambda: x) if on_step is not None else None
             if keep is not None:
                 keep = list(keep)
                 if not keep:
-                    return latents[:0]
-                rows = conditioning_rows(keep, len(latents), do_cfg)
-                latents, g = latents[keep], g[keep]
-                cond = {name: value[rows] for name, value in cond.items()}
-        return latents
+                    return x[:0]
+                x, base = x[keep], base[keep]
+                previous = [p[keep] for p in previous]
+                batch = batch.keep(keep, x)
+        return x
+
+
+def _put(values: np.ndarray, rows: np.ndarray, new: np.ndarray) -> np.ndarray:
+    out = values.copy()
+    out[rows] = new
+    return out
 
 
 __all__ = ["OrtBackend", "OrtEngine"]

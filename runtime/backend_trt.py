@@ -12,17 +12,17 @@ tests hand the same code a CPU device and a TensorRT stand-in backed by ONNX Run
 
 - Buffers are preallocated from the spec at the profile's max shapes; a run at a smaller shape uses a
   contiguous prefix of each buffer, so tensor addresses are set once per context, at its creation.
-- One stream for everything. The denoising loop (UNet, CFG combine with one guidance scale per row,
-  Euler update) stays on the device with no host sync; the per-step scalars (sigma, dt, 1/input
-  divisor, t) are read from small device tables. The loop copies latents to the host only when
-  ``on_step`` asks for them, and when rows are dropped (a cancelled request), which is rare.
-- With ``cuda_graph`` one step is captured as a CUDA graph per (batch, size, CFG) and replayed; the
-  step's scalars are copied into fixed slots before each replay. Each captured shape keeps an
-  execution context of its own, whose input shapes never change after capture: TensorRT keeps a
-  launch's shape state in the context, so a graph replayed on a context that has since run another
-  shape would compute with the wrong shapes. (The other way out, graphs on static profiles only,
-  would take graphs from dynamic engine folders for nothing: a context costs no activation memory
-  here.) Default: on when the engine profile is static.
+- One stream for everything. The denoising loop (trt_loop.py: UNet, per-row CFG under each row's
+  guidance interval, every sampler's step from its coefficient tables) stays on the device with no
+  host sync. It copies latents to the host only when ``on_step`` asks for them, and when rows are
+  dropped (a cancelled request), which is rare.
+- With ``cuda_graph`` one step is captured as a CUDA graph per (loop shape, UNet batch) and
+  replayed; the step's values are copied into fixed slots before each replay. Each captured shape
+  keeps an execution context of its own, whose input shapes never change after capture: TensorRT
+  keeps a launch's shape state in the context, so a graph replayed on a context that has since run
+  another shape would compute with the wrong shapes. (The other way out, graphs on static profiles
+  only, would take graphs from dynamic engine folders for nothing: a context costs no activation
+  memory here.) Default: on when the engine profile is static.
 """
 
 from __future__ import annotations
@@ -35,10 +35,12 @@ from typing import Mapping, Optional
 import numpy as np
 
 from .device import cuda_device, from_host, host_copy
-from .engine import Backend, Engine, StepCallback, conditioning_rows, guidance_column
+from .engine import Backend, DenoiseBatch, Engine, StepCallback
 from .folder import BackendError, ModelFolder
-from .spec import COMPONENTS, EngineSpec, check_feeds, dim_values, shape_of
+from .samplers import SamplerTables
+from .spec import COMPONENTS, EngineSpec, dim_values, shape_of
 from .trt_logger import trt_logger
+from .trt_loop import denoise_device
 from .trt_plans import DeviceMemory, RuntimeCacheFile, check_host, new_context, read_plan, weight_bytes
 
 logger = logging.getLogger(__name__)
@@ -62,7 +64,7 @@ class TrtEngine(Engine):
         self.weight_bytes, self.activation_bytes = weight_bytes, int(engine.device_memory_size_v2)
         self._make_context = make_context  # engine -> a context on the shared activation memory
         self.jit_cache = jit_cache
-        # cuda_graph: denoise_torch captures whole steps (UNet + CFG + Euler), one graph and context per shape.
+        # cuda_graph: the loop (trt_loop.py) captures whole steps, one graph and context per loop shape and UNet batch.
         self.cuda_graph = cuda_graph
         self.graphs: dict = {}
         names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
@@ -179,146 +181,8 @@ class TrtBackend(Backend):
         if self.jit_cache is not None:
             self.jit_cache.save_if_dirty()
 
-    def denoise(self, latents: np.ndarray, conditioning: Mapping[str, np.ndarray], scheduler, guidance: np.ndarray,
-                do_cfg: bool, on_step: Optional[StepCallback] = None) -> np.ndarray:
-        return denoise_torch(self.engines["unet"], latents, conditioning, scheduler, guidance, do_cfg, on_step)
+    def denoise(self, batch: DenoiseBatch, sampler: SamplerTables, on_step: Optional[StepCallback] = None) -> np.ndarray:
+        return denoise_device(self.engines["unet"], batch, sampler, on_step)
 
 
-class _Step:
-    """The device-side state of one denoising loop: latents, per-step tables and scalar slots."""
-
-    def __init__(self, unet: TrtEngine, latents: np.ndarray, conditioning: Mapping[str, np.ndarray],
-                 scheduler, guidance: np.ndarray, do_cfg: bool):
-        import torch
-
-        n = latents.shape[0]
-        self.n, self.do_cfg, self.unet = n, do_cfg, unet
-        values = {"unet_batch": 2 * n if do_cfg else n, "latent_height": latents.shape[2], "latent_width": latents.shape[3]}
-        check_feeds(unet.spec, {**conditioning, "sample": np.empty((values["unet_batch"],) + latents.shape[1:], np.float32),
-                                "timestep": np.empty((1,), np.float32)})
-        self.values, self.context = values, unet.context  # a captured step gets a context of its own
-        self.views = unet.set_shapes(values)
-        for name, array in conditioning.items():  # constant for the whole loop
-            self.views[name].copy_(torch.from_numpy(np.ascontiguousarray(array)))
-        device = unet.buffers["sample"].device
-        dev = functools.partial(from_host, device=device, dtype=np.float32)
-        steps = len(scheduler)
-        sig = scheduler.sigmas
-        self.tables = {
-            "t": dev(scheduler.timesteps),
-            "divisor": dev([scheduler.input_divisor(i) for i in range(steps)]),
-            "sigma": dev(sig[:steps]),
-            "dt": dev([np.float32(sig[i + 1] - sig[i]) for i in range(steps)]),
-        }
-        self.slots = {k: torch.zeros((), dtype=torch.float32, device=device) for k in self.tables}
-        self.guidance = dev(guidance_column(guidance))  # [n, 1, 1, 1]: one scale per image row
-        self.kind = scheduler.config.prediction_type
-        self.x = dev(latents)  # [n, C, h, w]
-        self.key = (values["unet_batch"], values["latent_height"], values["latent_width"], do_cfg, self.kind)
-
-    def load(self, i: int) -> None:
-        for k, table in self.tables.items():
-            self.slots[k].copy_(table[i])  # device to device: no host sync
-
-    def body(self) -> None:
-        """UNet + CFG + Euler, the float32 operations of scheduler.py's step()."""
-        import torch
-
-        n, x, s, v = self.n, self.x, self.slots, self.views
-        sample = v["sample"]
-        sample[:n].copy_(x)
-        if self.do_cfg:
-            sample[n:].copy_(x)
-        sample.div_(s["divisor"])
-        v["timestep"].copy_(s["t"].reshape(1))
-        self.unet.enqueue(self.context)
-        eps = v["noise_pred"]
-        if self.do_cfg:
-            uncond, cond = eps[:n], eps[n:]
-            eps = uncond + self.guidance * (cond - uncond)
-        sigma = s["sigma"]
-        if self.kind == "epsilon":
-            pred = x - sigma * eps
-        elif self.kind == "v_prediction":
-            pred = eps * (-sigma / torch.sqrt(sigma * sigma + 1)) + x / (sigma * sigma + 1)
-        else:
-            pred = eps
-        x.copy_(x + ((x - pred) / sigma) * s["dt"])
-
-
-def _capturable(unet: TrtEngine, context) -> bool:
-    """IExecutionContext.is_stream_capturable where the installed TensorRT has it."""
-    check = getattr(context, "is_stream_capturable", None)
-    return True if check is None else bool(check(unet.stream.cuda_stream))
-
-
-def _step_and_graph(unet: TrtEngine, latents: np.ndarray, conditioning: Mapping[str, np.ndarray], scheduler,
-                    guidance: np.ndarray, do_cfg: bool):
-    """A loop state on the device and, with CUDA graphs, the step graph for its shape (captured once per shape)."""
-    step = _Step(unet, latents, conditioning, scheduler, guidance, do_cfg)
-    if not unet.cuda_graph:
-        return step, None
-    captured = unet.graphs.get(step.key)
-    if captured is None:
-        return _capture(unet, step)
-    graph, state = captured
-    state.x.copy_(step.x)  # the graph reads the tensors it captured: move the new request's state there
-    state.guidance.copy_(step.guidance)
-    state.tables = step.tables  # read by load(), outside the graph
-    return state, graph
-
-
-def _capture(unet: TrtEngine, step: _Step):
-    """Capture ``step``'s body as a CUDA graph on an execution context of its own, whose shapes never change."""
-    context = unet.new_context()
-    unet.set_shapes(step.values, context)
-    if not _capturable(unet, context):
-        logger.warning("unet: this execution context cannot be captured on its stream; steps run without a CUDA graph")
-        unet.cuda_graph = False
-        return step, None
-    step.context = context
-    # TensorRT needs one launch before capture (lazy initialisation); warm up on step 0's values
-    step.load(0)
-    saved = step.x.clone()
-    step.body()
-    step.x.copy_(saved)
-    graph = unet.device.CUDAGraph()
-    with unet.device.graph(graph, stream=unet.stream):
-        step.body()  # recorded, not run
-    unet.graphs[step.key] = (graph, step)
-    return step, graph
-
-
-def denoise_torch(unet: TrtEngine, latents: np.ndarray, conditioning: Mapping[str, np.ndarray], scheduler,
-                  guidance: np.ndarray, do_cfg: bool, on_step: Optional[StepCallback] = None) -> np.ndarray:
-    """The denoising loop on the device; the contract of engine.Backend.denoise."""
-    cond, g, start = dict(conditioning), np.asarray(guidance, np.float32), 0
-    with unet.device.stream(unet.stream):
-        while True:
-            step, graph = _step_and_graph(unet, latents, cond, scheduler, g, do_cfg)
-            keep = None
-            for i in range(start, len(scheduler)):
-                step.load(i)
-                if graph is not None:
-                    graph.replay()
-                else:
-                    step.body()
-                unet.runs += 1
-                if on_step is not None:  # host-side; it waits for the GPU only if it reads the latents
-                    keep = on_step(i, lambda: host_copy(step.x))
-                    if keep is not None:
-                        break
-            out = host_copy(step.x)  # the one sync of an uninterrupted loop
-            if keep is None:
-                break
-            keep = list(keep)
-            rows = conditioning_rows(keep, len(out), do_cfg)
-            latents, g, out = out[keep], g[keep], out[keep]
-            cond = {name: value[rows] for name, value in cond.items()}
-            start = i + 1
-            if not keep or start == len(scheduler):
-                break
-    return out  # rows of several requests: the pipeline checks each request's rows
-
-
-__all__ = ["TrtBackend", "TrtEngine", "denoise_torch"]
+__all__ = ["TrtBackend", "TrtEngine"]

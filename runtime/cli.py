@@ -2,6 +2,7 @@
 
     kolors-trt generate --engines out/engines --image ref.png --prompt "..." --out out.png
     kolors-trt generate --onnx out/onnx --image ref.png --prompt "..." --out out.png --steps 4
+    kolors-trt generate ... --scheduler dpmpp_2m_karras --steps 25 --guidance-interval 0.28:5.42
 
 Defaults of the sampling arguments are the model folder's manifest
 (``runtime.defaults``): the parser leaves them unset. Several images go to
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .folder import BACKENDS, Limits
+from .samplers import SAMPLERS
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,27 @@ def add_runtime_cache_argument(p: argparse.ArgumentParser) -> None:
                         "them again (read at start, written after the first request of each new shape)")
 
 
+def interval(text: str) -> tuple[float, float]:
+    """--guidance-interval LOW:HIGH -> (low, high); the runtime checks the values (request.guidance_interval)."""
+    low, sep, high = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError(text)
+        return float(low), float(high)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW:HIGH in sigma units (e.g. 0.28:5.42), got {text!r}") from None
+
+
+def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
+    """--scheduler / --guidance-interval: the sampler and where classifier-free guidance applies."""
+    p.add_argument("--scheduler", choices=list(SAMPLERS), default=None,
+                   help="sampler, built from the folder's scheduler config as diffusers' from_config "
+                        "(default: the manifest's, else euler)")
+    p.add_argument("--guidance-interval", type=interval, default=None, metavar="LOW:HIGH",
+                   help="guidance only at steps whose sigma is in (LOW, HIGH]; the other steps skip the "
+                        "unconditional UNet row (Kynkaanniemi et al. 2024 use 0.28:5.42 for SD-XL)")
+
+
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--engines", metavar="DIR", help="engine folder (kolors-trt build)")
@@ -59,6 +82,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the manifest's)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the manifest's)")
     p.add_argument("--num-images", type=int, default=1, help="images for the prompt (default 1)")
+    add_sampler_arguments(p)
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="default: onnxruntime for --onnx, the build target for --engines")
     p.add_argument("--cache-dir", default=None, help="folder caching IP tokens across runs (.npy per reference image)")
     add_runtime_cache_argument(p)
@@ -102,14 +126,17 @@ def run_generate(args) -> int:
         ip_adapter_scale=args.ip_scale,
         seed=args.seed,
         num_images_per_prompt=args.num_images,
+        scheduler=args.scheduler,
+        guidance_interval=args.guidance_interval,
         progress=not args.no_progress,
     )
     params = dict(result.parameters, image=args.image)
     for i, (image, path) in enumerate(zip(result.images, paths)):
         save_png(image, path, dict(params, index=i))
         print(f"wrote {path} ({image.width}x{image.height}, seed {params['seed']})")
-    runs = pipe.stats()["engine_runs"]
-    print("engine runs: " + ", ".join(f"{k} {v}" for k, v in runs.items()))
+    stats = pipe.stats()
+    print("engine runs: " + ", ".join(f"{k} {v}" for k, v in stats["engine_runs"].items())
+          + "; UNet rows: " + ", ".join(f"{k} {v}" for k, v in stats["unet_rows"].items()))
     return 0
 
 
@@ -121,4 +148,4 @@ def add_subcommands(subparsers) -> None:
 
 
 __all__ = ["OutputPathError", "add_generate_arguments", "add_limit_arguments", "add_runtime_cache_argument",
-           "add_subcommands", "output_paths", "run_generate"]
+           "add_sampler_arguments", "add_subcommands", "interval", "output_paths", "run_generate"]

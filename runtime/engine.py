@@ -2,9 +2,10 @@
 
     Engine.run(feeds: dict[str, np.ndarray], finite=True) -> dict[str, np.ndarray]
     Engine.runs      how many times it ran (tests prove cache hits and early stops with it)
+    Engine.rows      batch rows it evaluated (the leading dim of its first input, summed over runs)
 
     Backend.engines  {component: Engine} for the four components
-    Backend.denoise(latents, conditioning, scheduler, guidance, do_cfg, on_step) -> latents
+    Backend.denoise(batch: DenoiseBatch, sampler: SamplerTables, on_step) -> latents
     Backend.device_memory() -> {kind: bytes} on a GPU backend (weights, activations, I/O buffers)
     Backend.batch_done()     called after each batch (a GPU backend keeps its compiled kernels)
 
@@ -12,19 +13,38 @@ A backend opens its engines and owns its denoising loop: ONNX Runtime runs the
 loop on the host in numpy (backend_ort.py), TensorRT keeps it on the GPU in torch
 (backend_trt.py). The pipeline sees only this module; backends.py picks one.
 
-The loop contract. ``latents`` [n, C, h, w] are the image rows; ``conditioning``
-holds the UNet inputs that stay fixed over the loop, batched [uncond rows, cond
-rows] under CFG (2n rows) or n rows without; ``guidance`` [n] is one guidance
-scale per image row. After step i the loop calls ``on_step(i, latents)`` with a
-function returning the current latents (a GPU backend copies them to the host only
-when asked). ``on_step`` returns None to go on with every row, a list of the row
-indices to keep (the loop drops the others from the batch, with their
-conditioning rows), or an empty list to stop. The loop returns the latents of the
-rows still kept, finite or not: the pipeline checks them per request.
+The loop contract. ``DenoiseBatch`` holds n image rows: their initial latents
+[n, C, h, w] (already times the sampler's init_noise_sigma), the UNet inputs that
+stay fixed over the loop as 2n rows (rows 0..n-1 the unconditional branch of each
+image, rows n..2n-1 the conditional one), one guidance scale per image, the
+guidance mask ``cfg`` [steps, n] (image k applies classifier-free guidance at
+step i) and, for a stochastic sampler, the noise of every step [steps, n, C, h, w].
+The sampler's per-step scalars come from ``samplers.SamplerTables``, and a step is
+``samplers.sampler_step`` on them: a backend states no sampler math of its own.
+
+Step i evaluates the UNet on ``step_rows``: the unconditional rows of the images
+with ``cfg[i]`` set, then every image's conditional row (diffusers' [uncond, cond]
+order), then copies of the last row up to the UNet profile's smallest batch (a
+static profile) - so a step outside an image's guidance interval costs one row,
+not two. The model output of an image is ``uncond + g * (cond - uncond)`` where
+guided, its conditional output otherwise. Multistep samplers keep per-row history
+(their last data predictions, UniPC's corrected sample), allocated once per loop.
+
+After step i the loop calls ``on_step(i, latents)`` with a function returning the
+current latents (a GPU backend copies them to the host only when asked).
+``on_step`` returns None to go on with every row, a list of the image rows to keep
+(the loop drops the others with their conditioning, mask, noise and history), or
+an empty list to stop. The loop returns the latents of the rows still kept, finite
+or not: the pipeline checks them per request.
+
+Further per-row state (a second UNet graph's feature cache, per-row weights) joins
+``DenoiseBatch`` as more [n, ...] or [steps, n] arrays, dropped with the rows by
+``DenoiseBatch.keep``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -44,6 +64,7 @@ class Engine:
         self.spec = spec
         self.source = Path(source)
         self.runs = 0
+        self.rows = 0
 
     @property
     def name(self) -> str:
@@ -55,6 +76,7 @@ class Engine:
         checks each request's rows (one request's overflow fails that request, not its batch)."""
         values = check_feeds(self.spec, feeds)
         self.runs += 1
+        self.rows += int(feeds[self.spec.inputs[0].name].shape[0])
         outputs = self._execute(feeds, values)
         if finite:
             for name, value in outputs.items():
@@ -66,6 +88,29 @@ class Engine:
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class DenoiseBatch:
+    """The image rows of one denoising loop (see the module docstring)."""
+
+    latents: np.ndarray  # [n, C, h, w]
+    conditioning: Mapping[str, np.ndarray]  # UNet inputs [2n, ...]: uncond rows, then cond rows
+    guidance: np.ndarray  # [n] float32
+    cfg: np.ndarray  # [steps, n] bool
+    noise: Optional[np.ndarray] = None  # [steps, n, C, h, w] float32 (stochastic samplers)
+
+    @property
+    def n(self) -> int:
+        return len(self.latents)
+
+    def keep(self, rows: Sequence[int], latents: np.ndarray) -> "DenoiseBatch":
+        """These image rows only, with ``latents`` as their current latents."""
+        rows = list(rows)
+        pairs = conditioning_rows(rows, self.n)
+        return replace(self, latents=latents, conditioning={k: v[pairs] for k, v in self.conditioning.items()},
+                       guidance=self.guidance[rows], cfg=self.cfg[:, rows],
+                       noise=None if self.noise is None else self.noise[:, rows])
+
+
 class Backend:
     """A backend's engines and its denoising loop (see the module docstring)."""
 
@@ -74,8 +119,7 @@ class Backend:
     def __init__(self, engines: Mapping[str, Engine]):
         self.engines = dict(engines)
 
-    def denoise(self, latents: np.ndarray, conditioning: Mapping[str, np.ndarray], scheduler, guidance: np.ndarray,
-                do_cfg: bool, on_step: Optional[StepCallback] = None) -> np.ndarray:
+    def denoise(self, batch: DenoiseBatch, sampler, on_step: Optional[StepCallback] = None) -> np.ndarray:
         raise NotImplementedError
 
     def device_memory(self) -> dict:
@@ -86,10 +130,21 @@ class Backend:
         """Called by the pipeline after each batch; nothing to do for most backends."""
 
 
-def conditioning_rows(keep: Sequence[int], n: int, do_cfg: bool) -> list[int]:
-    """The conditioning rows of image rows ``keep`` out of ``n``: [uncond rows, cond rows] under CFG."""
+def conditioning_rows(keep: Sequence[int], n: int) -> list[int]:
+    """The conditioning rows of image rows ``keep`` out of ``n``: their uncond rows, then their cond rows."""
     keep = list(keep)
-    return keep + [n + k for k in keep] if do_cfg else keep
+    return keep + [n + k for k in keep]
+
+
+def step_rows(cfg_step: np.ndarray, fewest: int) -> tuple[np.ndarray, np.ndarray]:
+    """(guided image rows, conditioning rows of the step's UNet batch): the guided images' uncond rows, every
+    image's cond row, then copies of the last row up to ``fewest`` (a static profile's batch)."""
+    n = len(cfg_step)
+    guided = np.flatnonzero(cfg_step)
+    rows = np.concatenate([guided, n + np.arange(n)])
+    if len(rows) < fewest:
+        rows = np.concatenate([rows, np.full(fewest - len(rows), rows[-1])])
+    return guided, rows
 
 
 def guidance_column(guidance: np.ndarray) -> np.ndarray:
@@ -97,4 +152,4 @@ def guidance_column(guidance: np.ndarray) -> np.ndarray:
     return np.asarray(guidance, dtype=np.float32).reshape(-1, 1, 1, 1)
 
 
-__all__ = ["Backend", "Engine", "StepCallback", "conditioning_rows", "guidance_column"]
+__all__ = ["Backend", "DenoiseBatch", "Engine", "StepCallback", "conditioning_rows", "guidance_column", "step_rows"]

@@ -128,21 +128,50 @@ def _mt19937_uint32(seed: int, count: int) -> np.ndarray:
     return bits.random_raw(count).astype(U32)
 
 
-def torch_randn(shape: tuple, seed: int) -> np.ndarray:
-    """``torch.randn(shape, generator=torch.Generator().manual_seed(seed))`` on the CPU, float32."""
+def _check(shape: tuple, seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**64:
         raise NoiseError(f"noise: seed must be an int in [0, 2**64), found {seed!r}")
     n = int(np.prod(shape))
     if n < MIN_ELEMENTS:
         raise NoiseError(f"noise: shape {tuple(shape)} has {n} elements; torch's vectorised path needs >= {MIN_ELEMENTS}")
+    return n
+
+
+def _normal(raw: np.ndarray, n: int) -> np.ndarray:
+    """One ``normal_fill`` over the uint32 draws of one call: ``n`` (+ 16 when n % 16) values."""
     tail = n % 16
-    raw = _mt19937_uint32(int(seed), n + (16 if tail else 0))
     uniform = (raw & U32(0xFFFFFF)).astype(F32) * F32(2.0**-24)
     out = uniform[:n].copy()
     out[: n - tail] = _box_muller(out[: n - tail])
     if tail:
         out[n - 16 :] = _box_muller(uniform[n:])
-    return out.reshape(shape)
+    return out
 
 
-__all__ = ["NoiseError", "torch_randn"]
+def torch_randn(shape: tuple, seed: int) -> np.ndarray:
+    """``torch.randn(shape, generator=torch.Generator().manual_seed(seed))`` on the CPU, float32."""
+    return torch_randn_draws(shape, seed, 1)[0]
+
+
+def torch_randn_draws(shape: tuple, seed: int, draws: int) -> np.ndarray:
+    """``draws`` successive ``torch.randn(shape, generator=g)`` of one generator ``g`` seeded with ``seed``,
+    float32 [draws, *shape]: how diffusers draws the initial latents and then an ancestral sampler's noise of
+    each step from the request's generator. Each call takes n (+ 16 when n % 16) outputs of the MT19937
+    stream, so draw k starts where draw k - 1 ended."""
+    n = _check(shape, seed)
+    per_draw = n + (16 if n % 16 else 0)
+    raw = _mt19937_uint32(int(seed), per_draw * draws).reshape(draws, per_draw)
+    return np.stack([_normal(r, n) for r in raw]).reshape((draws, *shape))
+
+
+def request_noise(shape: tuple, seed, latents, steps: int, stochastic: bool):
+    """(initial latents [n, C, h, w], the sampler's noise of every step [steps, n, C, h, w] or None) of one
+    request as diffusers draws them from its generator: the initial latents (unless given), then one draw per
+    step for a stochastic sampler."""
+    if not stochastic:
+        return (torch_randn(shape, seed) if latents is None else latents), None
+    drawn = torch_randn_draws(shape, seed, steps + (latents is None))
+    return (drawn[0] if latents is None else latents), drawn[len(drawn) - steps:]
+
+
+__all__ = ["NoiseError", "request_noise", "torch_randn", "torch_randn_draws"]

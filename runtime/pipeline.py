@@ -13,8 +13,11 @@ The numbers follow diffusers' ``KolorsPipeline`` after ``load_ip_adapter`` and
 - CFG (guidance_scale > 1) batches [uncond, cond] x num_images_per_prompt;
   ``time_ids = [h, w, 0, 0, h, w]``; the UNet gets t, not sigma;
 - the initial noise is ``torch.randn`` of a CPU generator seeded with ``seed``,
-  reproduced bit for bit in numpy (noise.py), times init_noise_sigma;
-- Euler steps (scheduler.py), latents / vae_scaling_factor, the VAE, then
+  reproduced bit for bit in numpy (noise.py), times init_noise_sigma; a
+  stochastic sampler (euler_a) draws each step's noise from the same generator
+  after it, as diffusers does;
+- the sampler's steps (``scheduler``: samplers.py, diffusers' scheduler built
+  from the folder's config), latents / vae_scaling_factor, the VAE, then
   postprocess.py's 8-bit conversion.
 
 Where diffusers and the runtime differ: diffusers refuses to run an IP-Adapter
@@ -26,14 +29,17 @@ One request is one prompt (diffusers also takes lists); several users' requests
 run together through ``generate_batch`` (below).
 
 Batching. ``generate_batch`` takes ``GenerationRequest``s, checks every one before
-any engine runs, and groups those that share (height, width, steps, CFG on/off)
-into one UNet call per step, up to the engine profile's batch; each row keeps its
-own prompt and negative embeddings, IP tokens, IP scale (a per-row UNet input),
-guidance scale (a per-row CFG combine) and seed (diffusers' per-generator noise),
-so a batched request gives its solo result. ``generate`` is the one-request case.
-A request fails alone: its rows are checked for NaN/Inf on their own (the loops
-leave that check to the pipeline), so one request's overflow, or a prompt the
-tokenizer refuses, fails that request (``Generation.error``) and not its batch.
+any engine runs, and groups those that share (height, width, steps, guidance at
+some step or none, sampler) into one UNet call per step, up to the engine profile's
+batch; each row keeps its own prompt and negative embeddings, IP tokens, IP scale
+(a per-row UNet input), guidance scale and guidance interval (a per-row CFG
+combine; a row outside its interval adds no unconditional row to the step's UNet
+batch) and seed (diffusers' per-generator noise), so a batched request gives its
+solo result. ``generate`` is the one-request case. ``stats()["unet_rows"]``
+counts the UNet batch rows evaluated. A request fails alone: its rows are checked
+for NaN/Inf on their own (the loops leave that check to the pipeline), so one
+request's overflow, or a prompt the tokenizer refuses, fails that request
+(``Generation.error``) and not its batch.
 
 Threads. A Pipeline may be called from several threads: the engine work of each
 call (encoders, denoising, VAE) runs under one lock, because the engines share one
@@ -49,7 +55,6 @@ import dataclasses
 import inspect
 import logging
 import threading
-from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -57,12 +62,12 @@ import numpy as np
 
 from .backends import open_backend
 from .cache import DEFAULT_IP_ITEMS, DEFAULT_PROMPT_ITEMS, ArrayCache, LRUCache, content_key, read_only
-from .engine import Backend
+from .engine import Backend, DenoiseBatch
 from .folder import Limits, ModelFolder, read_folder, resolve_backend
-from .noise import torch_randn
 from .errors import InputError
-from .postprocess import NonFiniteError, denormalize, non_finite_rows, to_pil, to_uint8
-from .preprocess import ClipPreprocess, ImageSource, PreprocessConfigError
+from .noise import request_noise
+from .postprocess import NonFiniteError, non_finite_rows
+from .preprocess import ClipPreprocess, ImageSource
 from .request import (
     OUTPUT_TYPES,
     CheckedRequest,
@@ -72,7 +77,9 @@ from .request import (
     RequestChecker,
     RequestStepCallback,
 )
-from .scheduler import EulerDiscreteScheduler, SchedulerConfig
+from .rows import LiveRows, chunks
+from .samplers import SamplerTables, Samplers
+from .scheduler import SchedulerConfig
 from .tokenizer import ChatGLMTokenizer
 
 logger = logging.getLogger(__name__)
@@ -93,12 +100,12 @@ class Pipeline:
         self._runner = backend
         self._lock = threading.RLock()  # the engines: one caller at a time
         self.tokenizer = tokenizer
-        self.scheduler_config = scheduler_config
+        self.samplers = Samplers(scheduler_config)
         self.clip = clip
         self.ip_cache = ip_cache
         self.prompt_cache = LRUCache(prompt_items)
         self.runtime = folder.runtime
-        self.checker = RequestChecker(folder, scheduler_config, clip)
+        self.checker = RequestChecker(folder, self.samplers, clip)
         self.defaults = self.checker.defaults
         self._ip_namespace = f"image_encoder:{folder.identity('image_encoder')}"
         # Optional stage -> context manager (the benchmark's timers); None costs nothing.
@@ -140,7 +147,7 @@ class Pipeline:
         """A pipeline on a backend already open on ``model`` (``load`` opens one from the folder)."""
         tokenizer = ChatGLMTokenizer.from_file(model.root / "tokenizer", max_length=model.model_dims.text_length)
         scheduler_config = SchedulerConfig.from_file(model.root / "scheduler")
-        clip = _clip_preprocess(model)
+        clip = ClipPreprocess.of_folder(model)
         dims = model.model_dims
         ip_cache = ArrayCache(ip_cache_items, cache_dir, shape=(1, dims.ip_tokens, dims.cross_attention_dim),
                               max_bytes=cache_max_bytes)
@@ -209,9 +216,10 @@ class Pipeline:
         return self.checker.batch_limits(do_cfg)
 
     def stats(self) -> dict:
-        """Engine runs per component, cache counters and (GPU backends) device bytes by kind."""
+        """Engine runs per component, UNet rows per UNet graph, cache counters and (GPU backends) device bytes by kind."""
         return {
             "engine_runs": {name: e.runs for name, e in self.engines.items()},
+            "unet_rows": {name: e.rows for name, e in self.engines.items() if name.startswith("unet")},
             "prompt_cache": self.prompt_cache.stats.as_dict(),
             "ip_cache": self.ip_cache.stats.as_dict(),
             "device_memory": self._runner.device_memory(),
@@ -222,13 +230,14 @@ class Pipeline:
                  num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                  ip_adapter_scale: Optional[float] = None, seed: Optional[int] = None,
                  num_images_per_prompt: int = 1, ip_adapter_tokens: Optional[np.ndarray] = None,
-                 latents: Optional[np.ndarray] = None, output_type: str = "pil",
-                 progress: bool = False) -> Generation:
+                 latents: Optional[np.ndarray] = None, output_type: str = "pil", scheduler: Optional[str] = None,
+                 guidance_interval: Optional[tuple] = None, progress: bool = False) -> Generation:
         """Run one request (``generate_batch`` of one); every argument is checked before an engine runs.
-        None = the manifest default."""
+        None = the manifest default. scheduler: a sampler name (samplers.SAMPLERS, default "euler");
+        guidance_interval: (low, high), guidance only at steps whose sigma is in (low, high]."""
         request = GenerationRequest(prompt, ip_adapter_image, negative_prompt, height, width, num_inference_steps,
                                     guidance_scale, ip_adapter_scale, seed, num_images_per_prompt, ip_adapter_tokens,
-                                    latents, output_type)
+                                    latents, output_type, scheduler, guidance_interval)
         result = self.generate_batch([request], progress=progress)[0]
         if result.error is not None:
             raise result.error
@@ -246,9 +255,9 @@ class Pipeline:
         """Run several requests; one Generation per request, in order.
 
         Every request is checked before any engine runs (one bad request raises, nothing runs); a request that
-        ``check`` already returned is not checked (or its image decoded) again. Requests that
-        share (height, width, steps, CFG on/off) run as one UNet batch per step, up to the profile's batch;
-        other lists are split into such groups, run in the order of their first request.
+        ``check`` already returned is not checked (or its image decoded) again. Requests that share (height,
+        width, steps, guidance at some step or none, sampler) run as one UNet batch per step, up to the profile's
+        batch; other lists are split into such groups, run in the order of their first request.
 
         on_step(index, step, steps, latents) is called after each denoising step of each request still
         running (index into ``requests``). cancelled(index) is asked between steps: a cancelled request's
@@ -262,7 +271,7 @@ class Pipeline:
         jobs = [dataclasses.replace(r, index=i) if isinstance(r, CheckedRequest) else self.check(r, i)
                 for i, r in enumerate(requests)]
         results: list = [None] * len(jobs)
-        for chunk in self._chunks(jobs):
+        for chunk in chunks(jobs, lambda job: self.batch_limits(job.do_cfg)[1]):
             with self._lock:
                 try:
                     for job, result in zip(chunk, self._run_isolated(chunk, progress, on_step, cancelled)):
@@ -281,113 +290,68 @@ class Pipeline:
             except (InputError, NonFiniteError) as err:
                 if len(chunk) == 1:
                     logger.warning("request %d failed alone: %s", chunk[0].index, err)
-                    return [Generation(None, None, self._parameters(chunk[0]), error=err)]
+                    return [Generation(None, None, chunk[0].parameters(self.backend, self.folder.root), error=err)]
                 logger.warning("a batch of %d requests failed on one request's input (%s); running them one by one",
                                len(chunk), err)
             return [result for job in chunk for result in self._run_isolated([job], progress, on_step, cancelled)]
 
-    def _chunks(self, jobs: list) -> list[list]:
-        """Jobs grouped by key (first-come order of the groups), each group cut into UNet batches."""
-        groups: OrderedDict = OrderedDict()
-        for job in jobs:
-            groups.setdefault(job.key, []).append(job)
-        chunks = []
-        for key, group in groups.items():
-            most = self.batch_limits(key[3])[1]
-            chunk, images = [], 0
-            for job in group:
-                if chunk and images + job.n > most:
-                    chunks.append(chunk)
-                    chunk, images = [], 0
-                chunk.append(job)
-                images += job.n
-            chunks.append(chunk)
-        return chunks
-
     def _run_chunk(self, chunk: list, progress: bool, on_step, cancelled) -> list[Generation]:
         from tqdm import tqdm
 
-        height, width, steps, do_cfg = chunk[0].key
+        sampler = self.samplers.tables(chunk[0].sampler, chunk[0].steps)
+        batch = self._denoise_batch(chunk, sampler)
+        bar = tqdm(total=sampler.steps, desc="denoise", unit="step", disable=not progress)
+        rows = LiveRows(chunk, on_step, cancelled, progress=bar.update)
+        try:
+            with self._stage("denoise"):
+                final = self._runner.denoise(batch, sampler, rows)
+        finally:
+            bar.close()
+        return self._results(chunk, rows, final)
+
+    def _denoise_batch(self, chunk: list, sampler: SamplerTables) -> DenoiseBatch:
+        """The loop's inputs: each image's UNet rows (encoders once per request at most, cached), initial latents,
+        guidance mask and, for a stochastic sampler, every step's noise."""
         dims = self.folder.model_dims
-        scheduler = EulerDiscreteScheduler(self.scheduler_config, steps)
-        fewest = self.batch_limits(do_cfg)[0]
-        # ---- encoders: once per request at most, cached; rows per image, padded to the profile's fewest ----
-        owners = [job.index for job in chunk for _ in range(job.n)]
-        pad = max(0, fewest - len(owners))
-        owners += [None] * pad  # padding rows (static profiles) belong to no request
-        cond_rows, uncond_rows, noise, guidance = [], [], [], []
-        for k, job in enumerate(chunk):
-            count = job.n + (pad if k == len(chunk) - 1 else 0)
+        uncond_rows, cond_rows, latents, noise = [], [], [], []
+        for job in chunk:
             embeds, pooled = self.encode_prompt(job.prompt)
             tokens = job.tokens if job.tokens is not None else (
                 self.encode_pixels(job.pixels) if job.pixels is not None else self.zero_ip_tokens)
             scale = np.full((1,), job.ip_scale, np.float32)
-            cond_rows.append([np.repeat(a, count, axis=0) for a in (embeds, pooled, tokens, scale)])
-            if do_cfg:
-                neg_embeds, neg_pooled = self._negative(job.negative_prompt)
-                uncond_rows.append([np.repeat(a, count, axis=0) for a in (neg_embeds, neg_pooled, self.zero_ip_tokens,
-                                                                          scale)])
-            shape = (job.n, dims.latent_channels, height // dims.vae_scale, width // dims.vae_scale)
-            x = torch_randn(shape, job.seed) if job.latents is None else job.latents  # [n, C, h, w]
-            noise.append(np.concatenate([x, np.repeat(x[-1:], count - job.n, axis=0)]))
-            guidance.append(np.full(count, job.guidance, np.float32))
-        # [uncond rows of every request, cond rows of every request] under CFG, as the loop splits them
-        ordered = uncond_rows + cond_rows
-        stacked = [np.concatenate([part[i] for part in ordered]) for i in range(4)]
+            cond = (embeds, pooled, tokens, scale)
+            # a request never guided has no unconditional branch to encode: its uncond rows are never evaluated
+            uncond = (*self._negative(job.negative_prompt), self.zero_ip_tokens, scale) if job.do_cfg else cond
+            cond_rows.append([np.repeat(a, job.n, axis=0) for a in cond])
+            uncond_rows.append([np.repeat(a, job.n, axis=0) for a in uncond])
+            shape = (job.n, dims.latent_channels, job.height // dims.vae_scale, job.width // dims.vae_scale)
+            x, steps_noise = request_noise(shape, job.seed, job.latents, sampler.steps, sampler.stochastic)
+            latents.append(x)  # [n, C, h, w]
+            noise.append(steps_noise)  # [steps, n, C, h, w] or None
+        stacked = [np.concatenate([part[i] for part in uncond_rows + cond_rows]) for i in range(4)]
+        height, width = chunk[0].height, chunk[0].width
         conditioning = {
-            "encoder_hidden_states": stacked[0],  # [2n or n, L, D]
-            "text_embeds": stacked[1],  # [2n or n, D]
+            "encoder_hidden_states": stacked[0],  # [2n, L, D]: uncond rows, then cond rows
+            "text_embeds": stacked[1],  # [2n, D]
             "time_ids": np.tile(np.array([[height, width, 0, 0, height, width]], np.float32), (len(stacked[1]), 1)),
-            "ip_tokens": stacked[2],  # [2n or n, T, C]
-            "ip_scale": stacked[3],  # [2n or n]: each request's own scale on both branches
+            "ip_tokens": stacked[2],  # [2n, T, C]
+            "ip_scale": stacked[3],  # [2n]: each request's own scale on both branches
         }
-        x = np.concatenate(noise) * scheduler.init_noise_sigma  # [n, C, h, w]
+        return DenoiseBatch(
+            latents=np.concatenate(latents) * sampler.init_noise_sigma,  # [n, C, h, w]
+            conditioning=conditioning,
+            guidance=np.concatenate([np.full(job.n, job.guidance, np.float32) for job in chunk]),
+            cfg=np.concatenate([np.repeat(job.cfg[:, None], job.n, axis=1) for job in chunk], axis=1),  # [steps, n]
+            noise=np.concatenate(noise, axis=1) if sampler.stochastic else None,
+        )
 
-        # ---- denoising: cancelled requests leave the batch between steps ----
-        alive = list(range(len(owners)))  # rows of `owners` still in the batch, in batch order
-        dead: set = set()
-        unet_batch = self.engines["unet"].spec.dims["unet_batch"]
-        bar = tqdm(total=steps, desc="denoise", unit="step", disable=not progress)
-
-        def step_done(i: int, latents_now) -> Optional[list]:
-            bar.update()
-            live = [job for job in chunk if job.index not in dead]
-            if on_step is not None:
-                memo: dict = {}
-
-                def current():
-                    if "x" not in memo:
-                        memo["x"] = latents_now()
-                    return memo["x"]
-
-                for job in live:
-                    where = [k for k, row in enumerate(alive) if owners[row] == job.index]
-                    on_step(job.index, i, steps, lambda where=where: current()[where])
-            if cancelled is None:
-                return None
-            stopped = [job.index for job in live if cancelled(job.index)]
-            if not stopped:
-                return None
-            dead.update(stopped)
-            if all(job.index in dead for job in chunk):
-                return []
-            keep = [k for k, row in enumerate(alive) if owners[row] not in dead]
-            if not unet_batch.contains(len(keep) * (2 if do_cfg else 1)):
-                return None  # a static profile: these rows finish, their results are dropped
-            alive[:] = [alive[k] for k in keep]
-            return keep
-
-        try:
-            with self._stage("denoise"):
-                final = self._runner.denoise(x, conditioning, scheduler, np.concatenate(guidance), do_cfg, step_done)
-        finally:
-            bar.close()
-
-        # ---- VAE and results: each request's rows checked on their own ----
-        live = [job for job in chunk if job.index not in dead]
-        where = {job.index: [k for k, row in enumerate(alive) if owners[row] == job.index] for job in live}
+    def _results(self, chunk: list, rows: LiveRows, final: np.ndarray) -> list[Generation]:
+        """The VAE on the rows still live, then one Generation per request (cancelled ones empty); each request's
+        rows are checked on their own."""
+        live = rows.live()
+        where = {job.index: rows.where(job.index) for job in live}
         failed = non_finite_rows("unet", "latents (denoising loop)", {job.index: final[where[job.index]] for job in live}
-                             if len(final) else {})
+                                 if len(final) else {})
         live = [job for job in live if job.index not in failed]
         images = {}
         if live and len(final):
@@ -408,30 +372,15 @@ class Pipeline:
             failed.update(non_finite_rows("vae_decoder", "image", {i: d for i, (_, d) in images.items() if d is not None}))
         results = []
         for job in chunk:
-            parameters = self._parameters(job)
+            parameters = job.parameters(self.backend, self.folder.root)
             if job.index in failed:
                 results.append(Generation(None, None, parameters, error=failed[job.index]))
                 continue
             if job.index not in images:
                 results.append(Generation(None, None, parameters, cancelled=True))
                 continue
-            latents, decoded = images[job.index]
-            if job.output_type == "latent":
-                results.append(Generation(latents, latents, parameters))
-            elif job.output_type == "np":
-                results.append(Generation(denormalize(decoded).transpose(0, 2, 3, 1), latents, parameters))
-            else:
-                results.append(Generation(to_pil(to_uint8(decoded)), latents, parameters))
+            results.append(Generation.of(job.output_type, *images[job.index], parameters))
         return results
-
-    def _parameters(self, job: CheckedRequest) -> dict:
-        """What made a request's result (Generation.parameters)."""
-        return {
-            "prompt": job.prompt, "negative_prompt": "" if job.negative_prompt is None else job.negative_prompt,
-            "seed": job.seed, "height": job.height, "width": job.width, "num_inference_steps": job.steps,
-            "guidance_scale": job.guidance, "ip_adapter_scale": job.ip_scale, "num_images_per_prompt": job.n,
-            "backend": self.backend, "model": str(self.folder.root),
-        }
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Final latents -> VAE output float32 [B, 3, H, W] in about [-1, 1]."""
@@ -444,25 +393,6 @@ class Pipeline:
         if shift is not None:
             scaled = scaled + np.float32(shift)
         return self.engines["vae_decoder"].run({"latents": scaled.astype(np.float32)}, finite=finite)["image"]
-
-
-
-def _clip_preprocess(folder: ModelFolder) -> ClipPreprocess:
-    """The folder's preprocessor_config.json when it has one, else the manifest's runtime constants."""
-    config = folder.root / "image_processor" / "preprocessor_config.json"
-    if config.is_file():
-        clip = ClipPreprocess.from_file(config)
-    else:
-        size = int(folder.runtime.get("image_size", folder.model_dims.image_size))
-        clip = ClipPreprocess(size=size, crop_size=(size, size),
-                              mean=tuple(folder.runtime.get("image_mean", ClipPreprocess.mean)),
-                              std=tuple(folder.runtime.get("image_std", ClipPreprocess.std)))
-    want = folder.model_dims.image_size
-    if tuple(clip.crop_size) != (want, want):
-        raise PreprocessConfigError(
-            f"{config}: crop_size {clip.crop_size} differs from the image encoder's input {want}x{want}"
-        )
-    return clip
 
 
 __all__ = ["Generation", "GenerationRequest", "Pipeline", "PipelineInputError", "OUTPUT_TYPES"]

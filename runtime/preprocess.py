@@ -114,6 +114,23 @@ class ClipPreprocess:
             raise PreprocessConfigError(f"preprocessor config {path}: cannot read it as JSON ({err})") from err
         return cls.from_dict(config, source=str(path))
 
+    @classmethod
+    def of_folder(cls, folder) -> "ClipPreprocess":
+        """A model folder's: its preprocessor_config.json when it has one, else the manifest's runtime constants;
+        checked against the image encoder's input size."""
+        config = folder.root / "image_processor" / "preprocessor_config.json"
+        if config.is_file():
+            clip = cls.from_file(config)
+        else:
+            size = int(folder.runtime.get("image_size", folder.model_dims.image_size))
+            clip = cls(size=size, crop_size=(size, size), mean=tuple(folder.runtime.get("image_mean", cls.mean)),
+                       std=tuple(folder.runtime.get("image_std", cls.std)))
+        want = folder.model_dims.image_size
+        if tuple(clip.crop_size) != (want, want):
+            raise PreprocessConfigError(
+                f"{config}: crop_size {clip.crop_size} differs from the image encoder's input {want}x{want}")
+        return clip
+
     def __call__(self, images: Sequence[ImageSource]) -> np.ndarray:
         """Images -> pixel_values, float32 [B, 3, crop_h, crop_w]."""
         if isinstance(images, (str, Path, bytes, Image.Image)):

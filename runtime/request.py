@@ -1,8 +1,16 @@
 """A generation request, its result, and the checks that run before any engine does.
 
-``RequestChecker`` needs the model folder's manifest, the scheduler config and the
-CLIP preprocessing, not the engines: a server checks each request with it (and
-decodes its image) before the request queues, so a bad request never reaches a batch.
+``RequestChecker`` needs the model folder's manifest, its samplers (the scheduler
+config) and the CLIP preprocessing, not the engines: a server checks each request
+with it (and decodes its image) before the request queues, so a bad request never
+reaches a batch.
+
+Guidance interval: ``guidance_interval=(low, high)`` applies classifier-free
+guidance at step i only when ``low < sigma_i <= high`` (sigma_i: the sampler's
+sigma at the start of step i, in diffusers' units); outside it the request's
+unconditional branch is not evaluated and the conditional prediction is used as
+is. Kynkaanniemi et al. 2024, "Applying Guidance in a Limited Interval Improves
+Sample and Distribution Quality in Diffusion Models".
 """
 
 from __future__ import annotations
@@ -16,8 +24,9 @@ import numpy as np
 
 from .errors import InputError, KolorsTrtError
 from .folder import ModelFolder
+from .postprocess import denormalize, to_pil, to_uint8
 from .preprocess import ClipPreprocess, ImageSource
-from .scheduler import EulerDiscreteScheduler, SchedulerConfig
+from .samplers import DEFAULT_SAMPLER, Samplers
 from .tokenizer import check_text
 
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -49,6 +58,8 @@ class GenerationRequest:
     ip_adapter_tokens: Optional[np.ndarray] = None
     latents: Optional[np.ndarray] = None
     output_type: str = "pil"
+    scheduler: Optional[str] = None
+    guidance_interval: Optional[tuple] = None
 
 
 @dataclass
@@ -65,6 +76,15 @@ class Generation:
     # tokenized); images and latents are None. generate() raises it.
     error: Optional[KolorsTrtError] = None
 
+    @classmethod
+    def of(cls, output_type: str, latents: np.ndarray, decoded, parameters: dict) -> "Generation":
+        """A finished request's result: ``decoded`` is the VAE output [B, 3, H, W] (None for "latent")."""
+        if output_type == "latent":
+            return cls(latents, latents, parameters)
+        if output_type == "np":
+            return cls(denormalize(decoded).transpose(0, 2, 3, 1), latents, parameters)
+        return cls(to_pil(to_uint8(decoded)), latents, parameters)
+
 
 @dataclass
 class CheckedRequest:
@@ -78,21 +98,35 @@ class CheckedRequest:
     steps: int
     guidance: float
     ip_scale: float
-    seed: Optional[int]  # None when the caller gave latents
+    seed: Optional[int]  # None when the caller gave latents (and the sampler draws no noise)
     n: int
     pixels: Optional[np.ndarray]  # [1, 3, S, S]
     tokens: Optional[np.ndarray]  # [1, T, C]
     latents: Optional[np.ndarray]  # [n, C, h, w]
     output_type: str
+    sampler: str = DEFAULT_SAMPLER
+    interval: Optional[tuple] = None  # (low, high) in sigma units; None: every step
+    cfg: Optional[np.ndarray] = None  # [steps] bool: guidance at step i
 
     @property
     def do_cfg(self) -> bool:
-        return self.guidance > 1
+        """Guidance at some step (its unconditional branch runs at least once)."""
+        return bool(self.cfg.any()) if self.cfg is not None else self.guidance > 1
 
     @property
     def key(self) -> tuple:
         """Requests with the same key share one UNet batch."""
-        return self.height, self.width, self.steps, self.do_cfg
+        return self.height, self.width, self.steps, self.do_cfg, self.sampler
+
+    def parameters(self, backend: str, model) -> dict:
+        """What made this request's result (Generation.parameters)."""
+        return {
+            "prompt": self.prompt, "negative_prompt": "" if self.negative_prompt is None else self.negative_prompt,
+            "seed": self.seed, "height": self.height, "width": self.width, "num_inference_steps": self.steps,
+            "guidance_scale": self.guidance, "ip_adapter_scale": self.ip_scale, "num_images_per_prompt": self.n,
+            "scheduler": self.sampler, "guidance_interval": None if self.interval is None else list(self.interval),
+            "backend": backend, "model": str(model),
+        }
 
 
 def _is_int(value) -> bool:
@@ -118,15 +152,29 @@ def batch_limits(folder: ModelFolder, do_cfg: bool) -> tuple[int, int]:
     return max(-(-unet.min // f), vae.min), min(unet.max // f, vae.max)
 
 
-class RequestChecker:
-    """Checks requests against one model folder: sizes against its profile (or limits), steps against the
-    scheduler, batch against the UNet and VAE profiles, images decoded and preprocessed."""
+def guidance_interval(value) -> Optional[tuple]:
+    """(low, high) floats with 0 <= low < high < inf, or None; PipelineInputError otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise PipelineInputError(f"pipeline: guidance_interval must be (low, high) in sigma units, found {value!r}")
+    low, high = (_finite(f"guidance_interval {name}", v) for name, v in zip(("low", "high"), value))
+    if low < 0:
+        raise PipelineInputError(f"pipeline: guidance_interval low must be >= 0 (a sigma), found {low}")
+    if low >= high:
+        raise PipelineInputError(f"pipeline: guidance_interval must have low < high, found ({low}, {high})")
+    return low, high
 
-    def __init__(self, folder: ModelFolder, scheduler_config: SchedulerConfig, clip: ClipPreprocess):
+
+class RequestChecker:
+    """Checks requests against one model folder: sizes against its profile (or limits), sampler and steps
+    against its scheduler config, batch against the UNet and VAE profiles, images decoded and preprocessed."""
+
+    def __init__(self, folder: ModelFolder, samplers: Samplers, clip: ClipPreprocess):
         self.folder = folder
-        self.scheduler_config = scheduler_config
+        self.samplers = samplers
         self.clip = clip
-        self.defaults = dict(folder.runtime.get("defaults", {}))
+        self.defaults = {"scheduler": DEFAULT_SAMPLER, **folder.runtime.get("defaults", {})}  # the manifest's win
 
     def pixel_values(self, image: ImageSource) -> np.ndarray:
         """CLIP preprocessing of one reference image: float32 [1, 3, S, S]; raises ImageInputError."""
@@ -190,21 +238,29 @@ class RequestChecker:
         steps = d.get("num_inference_steps") if r.num_inference_steps is None else r.num_inference_steps
         if not _is_int(steps) or steps < 1:
             raise PipelineInputError(f"pipeline: num_inference_steps must be an int >= 1, found {steps!r}")
-        EulerDiscreteScheduler(self.scheduler_config, int(steps))  # SchedulerStepError past the schedule
+        name = d["scheduler"] if r.scheduler is None else r.scheduler
+        if not isinstance(name, str):
+            raise PipelineInputError(f"pipeline: scheduler must be a sampler name, found {name!r}")
+        sampler = self.samplers.tables(name, int(steps))  # SamplerError, SchedulerStepError, SchedulerConfigError
         guidance = _finite("guidance_scale", d.get("guidance_scale") if r.guidance_scale is None else r.guidance_scale)
         ip_scale = _finite("ip_adapter_scale",
                            d.get("ip_adapter_scale") if r.ip_adapter_scale is None else r.ip_adapter_scale)
+        interval = guidance_interval(r.guidance_interval)
+        sigmas = sampler.sigmas[: sampler.steps].astype(np.float64)
+        cfg = np.full(sampler.steps, guidance > 1) if interval is None else \
+            (guidance > 1) & (interval[0] < sigmas) & (sigmas <= interval[1])
         n = r.num_images_per_prompt
-        fewest, most = self.batch_limits(guidance > 1)
+        fewest, most = self.batch_limits(bool(cfg.any()))
         if not _is_int(n) or not 1 <= n <= most:
             raise PipelineInputError(f"pipeline: num_images_per_prompt must be an int in [1, {most}] (the engine "
                                      f"profile's batch), found {n!r}")
         if fewest > most:
             raise PipelineInputError(
                 f"pipeline: the UNet engine of {self.folder.root} takes no batch without guidance (a static profile is "
-                "built for guidance > 1 only): set guidance_scale > 1 or rebuild the engines")
+                "built for guidance > 1 only): set guidance_scale > 1 (with a guidance_interval that holds a step's "
+                "sigma) or rebuild the engines")
         seed = r.seed
-        if seed is None and r.latents is None:
+        if seed is None and (r.latents is None or sampler.stochastic):
             seed = secrets.randbelow(2**63)
         elif seed is not None and (not _is_int(seed) or not 0 <= seed < MAX_SEED):
             raise PipelineInputError(f"pipeline: seed must be an int in [0, 2**64), found {seed!r}")
@@ -224,14 +280,16 @@ class RequestChecker:
                 raise PipelineInputError(f"pipeline: latents have shape {latents.shape}, expected {shape}")
             if not np.isfinite(latents).all():
                 raise PipelineInputError("pipeline: latents hold NaN or Inf")
-            seed = None
+            seed = seed if sampler.stochastic else None  # a stochastic sampler's step noise comes from the seed
         tokens = self._check_tokens(r.ip_adapter_tokens) if r.ip_adapter_tokens is not None else None
         pixels = self.pixel_values(r.ip_adapter_image) if r.ip_adapter_image is not None else None  # ImageInputError
+        cfg.setflags(write=False)
         return CheckedRequest(index, r.prompt, r.negative_prompt, height, width, int(steps), guidance, ip_scale,
-                    None if seed is None else int(seed), int(n), pixels, tokens, latents, r.output_type)
+                              None if seed is None else int(seed), int(n), pixels, tokens, latents, r.output_type,
+                              name, interval, cfg)
 
     # ---- requests ----------------------------------------------------------------------------
 
 
-__all__ = ["CheckedRequest", "batch_limits", "Generation", "GenerationRequest", "MAX_SEED", "OUTPUT_TYPES", "PipelineInputError",
-           "RequestChecker", "RequestStepCallback"]
+__all__ = ["CheckedRequest", "batch_limits", "Generation", "GenerationRequest", "MAX_SEED", "OUTPUT_TYPES",
+           "PipelineInputError", "RequestChecker", "RequestStepCallback", "guidance_interval"]

@@ -12,8 +12,8 @@ Routes:
                                           while draining, after repeated failed batches, and
                                           if the worker thread ended (then live is 503 too)
     GET  /metrics                         Prometheus text
-    GET  /v1/models, /v1/models/{id}      the loaded model, its profile, defaults, the sizes it offers (sizes.py)
-                                          and batch ceilings
+    GET  /v1/models, /v1/models/{id}      the loaded model, its profile, defaults, the sizes it offers (sizes.py),
+                                          batch ceilings and its samplers
     GET  /, /playground                   the playground page, no API key (playground.py; --no-playground: off)
     POST /v1/images/generations, /v1/images/edits, /v1/references   (routes.py)
     GET  /openapi.json, /docs             the OpenAPI document (openapi.py) and its viewer
@@ -68,6 +68,7 @@ def model_card(config: ServeConfig, worker: Worker, created: int) -> dict:
             "size_multiple": folder.size_multiple, "defaults": defaults, "max_steps": config.max_steps,
             "sizes": offered_sizes(folder, defaults),
             "max_images_per_batch": {"cfg": worker.ceilings[True], "no_cfg": worker.ceilings[False]},
+            "samplers": list(pipe.samplers.names),
             "startup_seconds": worker.startup_seconds}
 
 

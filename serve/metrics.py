@@ -38,6 +38,10 @@ class PipelineCollector:
         for component, count in stats["engine_runs"].items():
             runs.add_metric([component], count)
         yield runs
+        rows = CounterMetricFamily("kolors_trt_unet_rows", "UNet batch rows evaluated per UNet graph", labels=["graph"])
+        for graph, count in stats["unet_rows"].items():
+            rows.add_metric([graph], count)
+        yield rows
         hits = CounterMetricFamily("kolors_trt_cache_hits", "Cache hits (memory or disk)", labels=["cache", "tier"])
         misses = CounterMetricFamily("kolors_trt_cache_misses", "Cache misses", labels=["cache"])
         for cache in ("prompt", "ip"):

@@ -9,7 +9,9 @@ FastAPI's own document knows the JSON body of generations and nothing else. This
 - the limits of this server and folder: ``size`` as a pattern of exactly the sizes the
   profile takes, ``n`` up to the batch ceiling, ``num_inference_steps`` up to
   --max-steps, prompts up to --max-prompt-chars, and on generations the rule that a
-  non-zero ``ip_adapter_scale`` needs a ``reference_id``;
+  non-zero ``ip_adapter_scale`` needs a ``reference_id``; ``guidance_interval`` as two
+  non-negative numbers (JSON) or the text LOW:HIGH (multipart). Its rule low < high is
+  in its description: JSON Schema cannot compare two items (the fuzz test applies it);
 - every answer: 200 as JSON, or as server-sent events with ``stream``, /metrics as
   Prometheus text, and each error status the route can give with OpenAI's error body;
 - the Bearer key when the server has one (not on /health/*).
@@ -23,7 +25,7 @@ from __future__ import annotations
 import copy
 import logging
 
-from .protocol import EditParams, GenerationParams, size_pattern
+from .protocol import INTERVAL_TEXT, EditParams, GenerationParams, size_pattern
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +110,9 @@ def edit_form(config, folder, ceilings: dict) -> dict:
     schema = narrow(EditParams.model_json_schema(), config, folder, ceilings)
     props = {name: without_null(p) for name, p in schema["properties"].items()}
     props["image"] = {"type": "string", "format": "binary", "description": "the IP-Adapter reference image"}
+    props["guidance_interval"] = {"type": "string", "pattern": f"^{INTERVAL_TEXT.pattern.removesuffix(chr(92) + 'Z')}$",
+                                  "description": "LOW:HIGH in sigma units, low < high: classifier-free guidance only "
+                                                 "at steps whose sigma is in (LOW, HIGH]"}
     return {"type": "object", "required": ["image", *schema.get("required", ())], "properties": props}
 
 

@@ -12,7 +12,9 @@ The rules for fields, stated once:
   [0, 2**53) (JSON's exact integers; a request without one gets a random seed in that range,
   returned in ``parameters``), num_inference_steps [1, --max-steps], guidance_scale [0, 100] (ComfyUI's
   CFG range), ip_adapter_scale [0, 5] (ComfyUI IPAdapter's weight range, negatives left
-  out); and reference_id on generations. Values past the bounds are refused (400)
+  out), scheduler (a sampler name; GET /v1/models lists them), guidance_interval
+  ([low, high] in sigma units, 0 <= low < high, finite; "LOW:HIGH" in a multipart form);
+  and reference_id on generations. Values past the bounds are refused (400)
   before a request queues, so one request can no longer overflow a shared batch.
 - Types are strict: a number takes a JSON number (not true, not "4"), a boolean takes
   true or false. Multipart fields are text: a number there is ASCII decimal digits
@@ -39,11 +41,12 @@ import logging
 import re
 import secrets
 import typing
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kolors_trt.runtime.request import GenerationRequest
+from kolors_trt.runtime.request import GenerationRequest, PipelineInputError, guidance_interval
+from kolors_trt.runtime.samplers import SAMPLERS
 from kolors_trt.runtime.tokenizer import check_text
 
 from .errors import NotFoundError, ServeInputError
@@ -58,6 +61,9 @@ TYPO_RATIO = 0.8
 INT_TEXT = re.compile(r"[+-]?[0-9]+\Z")  # re's [0-9] is ASCII: "٤" is no digit here
 FLOAT_TEXT = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?\Z")
 BOOL_TEXT = {"true": True, "false": False}
+MAX_SIGMA = 1e6  # a guidance interval's bounds: far above any schedule's sigma (Kolors' largest is 29)
+_SIGMA = r"[0-9]{1,6}(\.[0-9]{1,9})?"  # below MAX_SIGMA, so the form and JSON take the same values
+INTERVAL_TEXT = re.compile(f"{_SIGMA}:{_SIGMA}\\Z")  # guidance_interval in a form: LOW:HIGH, ASCII digits
 
 
 def _integral(value):
@@ -69,10 +75,11 @@ def _integral(value):
 
 
 def _kind(annotation) -> type:
-    """int, float, bool or str: what a field's value is, Optional and Literal taken off."""
+    """int, float, bool, str or list (of floats): what a field's value is, Optional and Literal taken off."""
     if typing.get_origin(annotation) is typing.Union:
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-    return str if typing.get_origin(annotation) is Literal else annotation
+    origin = typing.get_origin(annotation)
+    return str if origin is Literal else list if origin is list else annotation
 
 
 class ImageParams(BaseModel):
@@ -102,6 +109,18 @@ class ImageParams(BaseModel):
     num_inference_steps: Optional[int] = Field(None, ge=1)  # at most --max-steps (check_limits)
     guidance_scale: Optional[float] = Field(None, ge=0, le=100, allow_inf_nan=False)
     ip_adapter_scale: Optional[float] = Field(None, ge=0, le=5, allow_inf_nan=False)
+    scheduler: Optional[Literal[tuple(SAMPLERS)]] = None
+    guidance_interval: Optional[list[Annotated[float, Field(ge=0, le=MAX_SIGMA, allow_inf_nan=False)]]] = Field(
+        None, min_length=2, max_length=2, description="[low, high] in sigma units, low < high: classifier-free "
+        "guidance only at steps whose sigma is in (low, high]")
+
+    @field_validator("guidance_interval")
+    @classmethod
+    def _interval(cls, value):
+        try:
+            return None if value is None else list(guidance_interval(value))  # the runtime's rule: 0 <= low < high
+        except PipelineInputError as err:
+            raise ValueError(str(err).removeprefix("pipeline: guidance_interval ").split(", found")[0]) from None
 
     @model_validator(mode="before")
     @classmethod
@@ -169,7 +188,10 @@ def form_value(name: str, text: str, kind: type):
         return BOOL_TEXT[text.lower()]
     if kind is str:
         return text
-    what = {int: "an integer in ASCII digits", float: "a decimal number in ASCII digits", bool: "true or false"}
+    if kind is list and len(text) <= 400 and INTERVAL_TEXT.match(text):
+        return [float(part) for part in text.split(":")]  # LOW:HIGH, the CLI's form
+    what = {int: "an integer in ASCII digits", float: "a decimal number in ASCII digits", bool: "true or false",
+            list: "LOW:HIGH, two decimal numbers in ASCII digits (at most 6 before the point)"}
     shown = repr(text) if len(text) <= 40 else f"{len(text)} characters"
     raise ServeInputError(f"{name}: expected {what[kind]}, found {shown}", name)
 
@@ -254,7 +276,8 @@ def generation_request(params: ImageParams, pipe, image: Optional[bytes], tokens
         ip_scale = 0.0
     seed = secrets.randbelow(MAX_SEED + 1) if params.seed is None else params.seed
     return GenerationRequest(params.prompt, image, params.negative_prompt, height, width, steps,
-                             params.guidance_scale, ip_scale, seed, params.n, tokens)
+                             params.guidance_scale, ip_scale, seed, params.n, tokens, scheduler=params.scheduler,
+                             guidance_interval=params.guidance_interval)
 
 
 def preview_steps(partial_images: int, steps: int) -> frozenset:

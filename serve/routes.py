@@ -214,6 +214,8 @@ async def answer_images(request: Request, params: ImageParams, image: Optional[b
     parameters = {"prompt": params.prompt, "negative_prompt": params.negative_prompt or "", "seed": checked.seed,
                   "height": checked.height, "width": checked.width, "num_inference_steps": checked.steps,
                   "guidance_scale": checked.guidance, "ip_adapter_scale": checked.ip_scale, "n": checked.n,
+                  "scheduler": checked.sampler,
+                  "guidance_interval": None if checked.interval is None else list(checked.interval),
                   "reference_id": reference_id or getattr(params, "reference_id", None), "model": config.model_id,
                   "backend": pipe.backend}
     reply = Reply(kind, params, parameters, f"{checked.width}x{checked.height}", int(time.time()))

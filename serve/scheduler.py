@@ -5,7 +5,7 @@ Requests wait in one FIFO. ``poll(now)`` answers with what to do:
 - drop the jobs that were stopped (a disconnected client, a shutdown) or are past
   their deadline: they never reach a batch;
 - run a batch: the oldest job and the later jobs with its key (for generations:
-  height, width, steps, CFG on/off), up to ``most(key)`` images, in arrival order.
+  height, width, steps, guidance at some step or none, sampler), up to ``most(key)`` images, in arrival order.
   The batch runs as soon as it is full, or when its oldest job has waited
   ``max_wait_s`` for company;
 - or wait: how long until the oldest job's wait ends or the next deadline passes.

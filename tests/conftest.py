@@ -157,6 +157,25 @@ def tiny(store):
 
 
 @pytest.fixture(scope="session")
+def kolors_reference(tiny):
+    """diffusers' KolorsPipeline + load_ip_adapter (CLIP preprocessing with PIL, as the reference used) on the
+    tiny checkpoint, loaded once per session. Tests that swap its scheduler put the original back."""
+    from diffusers import KolorsPipeline
+    from transformers import CLIPVisionModelWithProjection
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    kolors, ip = tiny
+    pipe = KolorsPipeline.from_pretrained(
+        kolors,
+        image_encoder=CLIPVisionModelWithProjection.from_pretrained(ip / "image_encoder"),
+        feature_extractor=CLIPImageProcessorPil.from_pretrained(ip / "image_encoder"),
+    )
+    pipe.load_ip_adapter(str(ip), subfolder="", weight_name="ip_adapter_plus_general.bin", image_encoder_folder=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
 def onnx_fp32(store):
     """Export folder of the default tiny checkpoint, every component fp32."""
     return store.export("default", "fp32")[0]

@@ -108,3 +108,33 @@ def test_batch_throughput_against_one_at_a_time(onnx_fp32, tmp_path):
     assert "throughput ratio" in proc.stdout and "| generate batch" in proc.stdout
     bad = subprocess.run(cmd[:-2] + ["--batch", "9"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "more than one UNet batch" in bad.stderr
+
+
+def test_samplers_against_the_euler_default(onnx_fp32, tmp_path):
+    """bench --scheduler --steps --guidance-interval: the default (euler at the manifest's 50 steps), the sampler,
+    and the sampler with the interval in one run; rows per image from the pipeline's counter agree with the
+    sampler's sigmas, the speed-up comes from the run's own samples."""
+    from kolors_trt.runtime.pipeline import Pipeline
+
+    out = tmp_path / "samplers.json"
+    cmd = [sys.executable, "-m", "kolors_trt", "bench", "--onnx", str(onnx_fp32), "--size", "64x64", "--steps", "6",
+           "--warmup", "0", "--runs", "2", "--scheduler", "dpmpp_2m_karras", "--guidance-interval", "0.28:5.42",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    labels = ["euler 50", "dpmpp_2m_karras 6", "dpmpp_2m_karras 6, guidance in (0.28, 5.42]"]
+    assert list(result["summary"]) == labels and result["environment"]["backend"] == "onnxruntime"
+    sigmas = Pipeline.load(onnx_fp32).samplers.tables("dpmpp_2m_karras", 6).sigmas[:6]
+    guided = int(((sigmas > 0.28) & (sigmas <= 5.42)).sum())
+    assert 0 < guided < 6
+    rows = [result["summary"][label]["unet_rows_per_image"] for label in labels]
+    assert rows == [100, 12, 6 + guided] and result["summary"][labels[2]]["guided_steps"] == guided
+    for label in labels:
+        wall = result["samples"][label]["wall"]
+        assert len(wall) == 2 and all(w > d > 0 for w, d in zip(wall, result["samples"][label]["denoise"]))
+        assert result["speedup_vs_default"][label] == pytest.approx(
+            np.mean(result["samples"]["euler 50"]["wall"]) / np.mean(wall), rel=1e-9)
+    assert "| dpmpp_2m_karras 6, guidance in (0.28, 5.42] |" in proc.stdout
+    bad = subprocess.run(cmd[:-2] + ["--batch", "2"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "neither --batch" in bad.stderr

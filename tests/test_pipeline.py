@@ -28,20 +28,8 @@ def reference_image(seed: int = 0, size=(90, 70)) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def ref_pipe(tiny):
-    from diffusers import KolorsPipeline
-    from transformers import CLIPVisionModelWithProjection
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    kolors, ip = tiny
-    pipe = KolorsPipeline.from_pretrained(
-        kolors,
-        image_encoder=CLIPVisionModelWithProjection.from_pretrained(ip / "image_encoder"),
-        feature_extractor=CLIPImageProcessorPil.from_pretrained(ip / "image_encoder"),
-    )
-    pipe.load_ip_adapter(str(ip), subfolder="", weight_name="ip_adapter_plus_general.bin", image_encoder_folder=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def ref_pipe(kolors_reference):
+    return kolors_reference
 
 
 @pytest.fixture(scope="module")

@@ -173,18 +173,13 @@ def test_static_profile_pads_a_short_batch(onnx_fp32, tmp_path, make_engine_fold
     """An engine folder built for exactly 2 images: one request is padded to 2 rows and equals its solo result
     on the ONNX folder (the ONNX graphs stand in for plans, as in test_runtime_errors)."""
     from kolors_trt.runtime.backend_ort import OrtBackend, OrtEngine
-    from kolors_trt.runtime.cache import ArrayCache
     from kolors_trt.runtime.folder import read_folder
-    from kolors_trt.runtime.pipeline import _clip_preprocess
-    from kolors_trt.runtime.scheduler import SchedulerConfig
     from kolors_trt.runtime.spec import COMPONENTS, Profile
-    from kolors_trt.runtime.tokenizer import ChatGLMTokenizer
 
     folder = make_engine_folder(onnx_fp32, tmp_path / "engines", Profile.static(2, 64, 96))
     model = read_folder(folder)
     engines = {n: OrtEngine(model.specs[n], onnx_fp32 / f"{n}.onnx") for n in COMPONENTS}
-    static = Pipeline(model, OrtBackend(engines), ChatGLMTokenizer.from_file(model.root / "tokenizer"),
-                      SchedulerConfig.from_file(model.root / "scheduler"), _clip_preprocess(model), ArrayCache(4))
+    static = Pipeline.on_backend(model, OrtBackend(engines))
     assert static.batch_limits(True) == (2, 2)
     one = GenerationRequest("a cat", image(3), height=64, width=96, num_inference_steps=2, seed=3)
     got = static.generate_batch([one])[0]

@@ -58,3 +58,44 @@ def test_output_paths():
     assert output_paths("a/b.PNG", 1) == [Path("a/b.PNG")] and output_paths("a/b.jpg", 1) == [Path("a/b.jpg.png")]
     assert [p.name for p in output_paths("a/b.png", 3)] == ["b-0.png", "b-1.png", "b-2.png"]
     assert [p.name for p in output_paths("a/b", 1)] == ["b.png"]
+
+
+def test_generate_with_a_sampler_and_guidance_interval(onnx_fp32, ref, tmp_path, capsys):
+    """The PNG is the Pipeline's image for the same arguments; the rows line counts the skipped uncond rows."""
+    from kolors_trt.runtime.pipeline import Pipeline
+
+    out = tmp_path / "unipc.png"
+    rc = main(["generate", "--onnx", str(onnx_fp32), "--image", str(ref), "--prompt", "a red fox", "--out", str(out),
+               "--seed", "5", "--steps", "3", "--height", "64", "--width", "64", "--scheduler", "unipc",
+               "--guidance-interval", "0.28:5.42", "--no-progress"])
+    assert rc == 0
+    params = read_png_parameters(out)
+    assert params["scheduler"] == "unipc" and params["guidance_interval"] == [0.28, 5.42]
+    pipe = Pipeline.load(onnx_fp32)
+    want = pipe.generate("a red fox", str(ref), seed=5, num_inference_steps=3, height=64, width=64, scheduler="unipc",
+                         guidance_interval=(0.28, 5.42))
+    with Image.open(out) as im:
+        np.testing.assert_array_equal(np.asarray(im), np.asarray(want.images[0]))
+    sigmas = pipe.samplers.tables("unipc", 3).sigmas[:3]
+    guided = int(((sigmas > 0.28) & (sigmas <= 5.42)).sum())
+    assert 0 < guided < 3
+    assert f"UNet rows: unet {3 + guided}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, code, needle", [
+    (["--guidance-interval", "5:1"], 1, "low < high"),
+    (["--guidance-interval=-1:3"], 1, "low must be >= 0"),
+    (["--guidance-interval", "0.3"], 2, "LOW:HIGH"),
+    (["--scheduler", "ddim"], 2, "invalid choice: 'ddim'"),
+])
+def test_generate_sampler_argument_errors(onnx_fp32, ref, tmp_path, capsys, args, code, needle):
+    argv = ["generate", "--onnx", str(onnx_fp32), "--image", str(ref), "--prompt", "x", "--out",
+            str(tmp_path / "o.png"), "--steps", "2", "--height", "64", "--width", "64", "--no-progress", *args]
+    if code == 2:  # argparse refuses the text itself
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        rc = exit_info.value.code
+    else:
+        rc = main(argv)
+    assert rc == code and needle in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()

@@ -16,6 +16,7 @@ from kolors_trt.runtime.folder import BackendError, FolderError, StaleArtifactEr
 from kolors_trt.runtime.pipeline import Pipeline, PipelineInputError
 from kolors_trt.runtime.postprocess import NonFiniteError
 from kolors_trt.runtime.preprocess import ImageInputError
+from kolors_trt.runtime.samplers import SamplerError
 from kolors_trt.runtime.scheduler import SchedulerStepError
 from kolors_trt.runtime.spec import COMPONENTS, DimRange, Profile
 
@@ -99,6 +100,17 @@ BAD_ARGS = {
     "tokens-shape": (dict(ip_adapter_tokens=np.zeros((1, 8, 4), np.float32)), PipelineInputError, "ip_adapter_tokens"),
     "output-type": (dict(output_type="jpeg"), PipelineInputError, "output_type"),
     "negative-list": (dict(negative_prompt=["a"]), PipelineInputError, "negative_prompt"),
+    "scheduler-unknown": (dict(scheduler="ddim"), SamplerError,
+                          "'ddim' is not one of the samplers: euler, euler_a, dpmpp_2m, dpmpp_2m_karras, unipc"),
+    "scheduler-not-str": (dict(scheduler=3), PipelineInputError, "scheduler must be a sampler name"),
+    "interval-low-high": (dict(guidance_interval=(2.0, 2.0)), PipelineInputError, "low < high"),
+    "interval-reversed": (dict(guidance_interval=(5.0, 1.0)), PipelineInputError, "low < high"),
+    "interval-negative": (dict(guidance_interval=(-0.5, 1.0)), PipelineInputError, "low must be >= 0"),
+    "interval-inf": (dict(guidance_interval=(0.5, float("inf"))), PipelineInputError, "high must be finite"),
+    "interval-nan": (dict(guidance_interval=(float("nan"), 1.0)), PipelineInputError, "low must be finite"),
+    "interval-one-value": (dict(guidance_interval=(1.0,)), PipelineInputError, "\\(low, high\\)"),
+    "interval-str": (dict(guidance_interval="0.3:5"), PipelineInputError, "\\(low, high\\)"),
+    "interval-bound-str": (dict(guidance_interval=("a", 1.0)), PipelineInputError, "low must be a number"),
 }
 
 
@@ -213,15 +225,10 @@ def test_export_folder_refuses_trt_backend(onnx_fp32):
 def test_engine_profile_bounds_checked_first(onnx_fp32, tmp_path, image, make_engine_folder):
     """An engine folder's profile bounds sizes and batch: the ONNX graphs stand in for its plans."""
     from kolors_trt.runtime.backend_ort import OrtBackend, OrtEngine
-    from kolors_trt.runtime.cache import ArrayCache
-    from kolors_trt.runtime.pipeline import _clip_preprocess
-    from kolors_trt.runtime.scheduler import SchedulerConfig
-    from kolors_trt.runtime.tokenizer import ChatGLMTokenizer
 
     model = read_folder(make_engine_folder(onnx_fp32, tmp_path / "engines", PROFILE))
     engines = {n: OrtEngine(model.specs[n], onnx_fp32 / f"{n}.onnx") for n in COMPONENTS}
-    pipe = Pipeline(model, OrtBackend(engines), ChatGLMTokenizer.from_file(model.root / "tokenizer"),
-                    SchedulerConfig.from_file(model.root / "scheduler"), _clip_preprocess(model), ArrayCache(4))
+    pipe = Pipeline.on_backend(model, OrtBackend(engines))
     for override, match in [(dict(height=160), "outside the engine profile \\[64, 128\\]"),
                             (dict(width=32), "outside the engine profile"),
                             (dict(num_images_per_prompt=3), "num_images_per_prompt")]:

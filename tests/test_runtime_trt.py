@@ -149,3 +149,22 @@ def test_without_stream_capture_the_steps_run_eagerly(standin_engines, trt_pipel
     with caplog.at_level(logging.WARNING):
         same_image(pipe.generate_batch([request])[0], ort.generate_batch([request])[0])
     assert "cannot be captured" in caplog.text and not device.graphs and not pipe.engines["unet"].cuda_graph
+
+
+@pytest.mark.parametrize("name", ["euler_a", "dpmpp_2m_karras", "unipc"])
+def test_samplers_and_guidance_intervals_match_onnxruntime(standin_engines, trt_pipeline, trt_standin, ort, name):
+    """A batch of two requests with different guidance and intervals, CUDA graphs on (one per UNet batch size):
+    each image and the UNet rows evaluated equal the ONNX Runtime backend's."""
+    device = trt_standin.CpuDevice()
+    pipe = trt_pipeline(standin_engines(DYNAMIC), cuda_graph=True, device=device)
+    sigmas = ort.samplers.tables(name, 4).sigmas
+    batch = [GenerationRequest("a cat", image(11), None, 64, 96, 4, 5.0, 0.5, 61, scheduler=name),
+             GenerationRequest("a dog", image(12), "ugly", 64, 96, 4, 7.0, 0.8, 62, scheduler=name,
+                               guidance_interval=(sigmas[2], sigmas[0]))]  # guided at steps 0 and 1 only
+    ort_rows = ort.stats()["unet_rows"]["unet"]
+    want = ort.generate_batch(batch)
+    got = pipe.generate_batch(batch)
+    for g, w in zip(got, want):
+        same_image(g, w)
+    assert pipe.stats()["unet_rows"]["unet"] == ort.stats()["unet_rows"]["unet"] - ort_rows == 4 * 4 - 2
+    assert sorted(g.replays for g in device.graphs) == [2, 2]  # 4 rows at steps 0 and 1, 3 rows at 2 and 3

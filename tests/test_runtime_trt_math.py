@@ -1,13 +1,12 @@
-"""The GPU denoising loop's arithmetic (runtime/backend_trt.py `_Step`: CFG combine with
-one guidance scale per row and Euler update in torch on the engine's buffers) against
-the numpy loop that the ONNX Runtime backend runs and that matches diffusers. Runs on the CPU device of
-the stand-in (tests/trt_standin): a fake UNet computes the same function in torch (on the preallocated
-buffers, as TensorRT would) and in numpy. TensorRT itself is not involved (test_runtime_trt.py runs the
-loop on the TensorRT stand-in)."""
+"""The device loop's arithmetic (runtime/trt_loop.py: per-step gathers of the UNet rows, per-row CFG under
+guidance intervals, every sampler's step from its tables, the history, captured CUDA graphs) against the
+numpy loop that the ONNX Runtime backend runs and that matches diffusers (tests/test_samplers.py). Runs on
+the CPU device of the stand-in (tests/trt_standin), and on CUDA where there is a GPU: a fake UNet computes
+the same function in torch (on the engine's buffers, as TensorRT would) and in numpy. TensorRT itself is
+not involved (test_runtime_trt.py runs the loop on the TensorRT stand-in)."""
 
 from __future__ import annotations
 
-import types
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +14,22 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
 from kolors_trt.export.tiny import KOLORS_SCHEDULER  # noqa: E402
-from kolors_trt.runtime.backend_trt import TrtEngine, _Step  # noqa: E402
 from kolors_trt.runtime.backend_ort import OrtBackend  # noqa: E402
-from kolors_trt.runtime.engine import Engine  # noqa: E402
-from kolors_trt.runtime.scheduler import EulerDiscreteScheduler, SchedulerConfig  # noqa: E402
+from kolors_trt.runtime.backend_trt import TrtEngine  # noqa: E402
+from kolors_trt.runtime.engine import DenoiseBatch, Engine  # noqa: E402
+from kolors_trt.runtime.noise import torch_randn_draws  # noqa: E402
+from kolors_trt.runtime.samplers import SAMPLERS, sampler_tables  # noqa: E402
+from kolors_trt.runtime.scheduler import SchedulerConfig  # noqa: E402
 from kolors_trt.runtime.spec import DimRange, ModelDims, Profile, dim_values, engine_specs, shape_of  # noqa: E402
+from kolors_trt.runtime.trt_loop import denoise_device  # noqa: E402
 
 DIMS = ModelDims(text_hidden=8, cross_attention_dim=12)
 SPEC = engine_specs(DIMS, Profile(DimRange(1, 1, 2), DimRange(64, 64, 128), DimRange(64, 96, 128)))["unet"]
+STATIC_SPEC = engine_specs(DIMS, Profile.static(2, 64, 96))["unet"]  # UNet batch exactly 4
+THREE_SPEC = engine_specs(DIMS, Profile(DimRange(1, 1, 3), DimRange(64, 64, 128), DimRange(64, 96, 128)))["unet"]
 
 
 def fake_eps(sample, t, ehs, text, ip, scale, xp):
@@ -77,87 +83,129 @@ class TorchUNet(TrtEngine):
                                        v["ip_tokens"], v["ip_scale"].reshape(-1, 1, 1, 1), torch))
 
 
-@pytest.mark.parametrize("guidance, steps, h, w, kind", [
-    ([5.0], 4, 8, 12, "epsilon"), ([7.5, 2.0], 3, 16, 8, "epsilon"), ([1.0], 2, 8, 8, "epsilon"),
-    ([0.5, 1.0], 2, 8, 16, "epsilon"), ([5.0, 3.0], 3, 8, 12, "v_prediction"), ([4.0], 2, 8, 8, "sample")])
-def test_gpu_loop_math_equals_numpy_loop(guidance, steps, h, w, kind, trt_standin):
+def loop_inputs(rng, sampler, guidance, interval_steps, h, w, seed=5):
+    """A DenoiseBatch of len(guidance) images: conditioning [uncond rows, cond rows]; image k guided at the steps
+    ``interval_steps[k]`` (None: every step) when its guidance is > 1; the sampler's noise from ``seed``."""
     n = len(guidance)
-    rng = np.random.default_rng(n + steps)
-    do_cfg = min(guidance) > 1
-    guidance = np.array(guidance, np.float32)
-    b = 2 * n if do_cfg else n
     cond = {
-        "encoder_hidden_states": rng.standard_normal((b, 256, DIMS.text_hidden)).astype(np.float32),
-        "text_embeds": rng.standard_normal((b, DIMS.text_hidden)).astype(np.float32),
-        "time_ids": np.tile(np.array([[h * 8, w * 8, 0, 0, h * 8, w * 8]], np.float32), (b, 1)),
-        "ip_tokens": rng.standard_normal((b, 16, DIMS.cross_attention_dim)).astype(np.float32),
-        "ip_scale": np.resize(np.array([0.6, 0.0, 1.2], np.float32), b),
+        "encoder_hidden_states": rng.standard_normal((2 * n, 256, DIMS.text_hidden)).astype(np.float32),
+        "text_embeds": rng.standard_normal((2 * n, DIMS.text_hidden)).astype(np.float32),
+        "time_ids": np.tile(np.array([[h * 8, w * 8, 0, 0, h * 8, w * 8]], np.float32), (2 * n, 1)),
+        "ip_tokens": rng.standard_normal((2 * n, 16, DIMS.cross_attention_dim)).astype(np.float32),
+        "ip_scale": np.resize(np.array([0.6, 0.0, 1.2], np.float32), 2 * n),
     }
-    latents = rng.standard_normal((n, 4, h, w)).astype(np.float32) * np.float32(14.6)
-    config = SchedulerConfig.from_dict({**KOLORS_SCHEDULER, "prediction_type": kind})
-    scheduler = EulerDiscreteScheduler(config, steps)
-    want = OrtBackend({"unet": NumpyUNet(SPEC, Path("unet.onnx"))}).denoise(latents, cond, scheduler, guidance, do_cfg)
-
-    step = _Step(TorchUNet(SPEC, trt_standin.CpuDevice()), latents, cond, scheduler, guidance, do_cfg)
-    for i in range(steps):
-        step.load(i)
-        step.body()
-    got = step.x.numpy()
-    assert not np.allclose(got, latents)  # the loop moved the latents
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+    cfg = np.zeros((sampler.steps, n), bool)
+    for k, (g, where) in enumerate(zip(guidance, interval_steps)):
+        if g > 1:
+            cfg[:, k] = True if where is None else np.isin(np.arange(sampler.steps), where)
+    latents = rng.standard_normal((n, 4, h, w)).astype(np.float32) * sampler.init_noise_sigma
+    noise = torch_randn_draws((n, 4, h, w), seed, sampler.steps) if sampler.stochastic else None  # [steps, n, ...]
+    return DenoiseBatch(latents, cond, np.array(guidance, np.float32), cfg, noise)
 
 
-def conditioning(rng, n, do_cfg, h, w):
-    b = 2 * n if do_cfg else n
-    return {
-        "encoder_hidden_states": rng.standard_normal((b, 256, DIMS.text_hidden)).astype(np.float32),
-        "text_embeds": rng.standard_normal((b, DIMS.text_hidden)).astype(np.float32),
-        "time_ids": np.tile(np.array([[h * 8, w * 8, 0, 0, h * 8, w * 8]], np.float32), (b, 1)),
-        "ip_tokens": rng.standard_normal((b, 16, DIMS.cross_attention_dim)).astype(np.float32),
-        "ip_scale": np.resize(np.array([0.6, 0.0, 1.2], np.float32), b),
-    }
+def tables(name: str, steps: int, **override):
+    return sampler_tables(SchedulerConfig.from_dict({**KOLORS_SCHEDULER, **override}), name, steps)
 
 
-def test_numpy_loop_drops_rows_and_keeps_the_others_exact():
-    """on_step returning the rows to keep: the kept rows end exactly as in a loop without the dropped ones."""
-    rng = np.random.default_rng(3)
-    n, steps = 2, 4
-    cond = conditioning(rng, n, True, 8, 8)
-    latents = rng.standard_normal((n, 4, 8, 8)).astype(np.float32) * np.float32(14.6)
-    guidance = np.array([5.0, 2.0], np.float32)
-    scheduler = EulerDiscreteScheduler(SchedulerConfig.from_dict(KOLORS_SCHEDULER), steps)
-    backend = OrtBackend({"unet": NumpyUNet(SPEC, Path("unet.onnx"))})
-    got = backend.denoise(latents, cond, scheduler, guidance, True, lambda i, x: [1] if i == 1 else None)
-    alone = backend.denoise(latents[[1]], {k: v[[1, 3]] for k, v in cond.items()}, scheduler, guidance[[1]], True)
-    full = backend.denoise(latents, cond, scheduler, guidance, True)
-    assert got.shape == (1, 4, 8, 8)
-    np.testing.assert_allclose(got, alone, rtol=1e-6, atol=1e-6 * np.abs(alone).max())
-    np.testing.assert_allclose(got, full[[1]], rtol=1e-6, atol=1e-6 * np.abs(alone).max())
-    assert not np.allclose(full[0], full[1])
-    assert backend.denoise(latents, cond, scheduler, guidance, True, lambda i, x: []).shape == (0, 4, 8, 8)
-    assert backend.engines["unet"].runs == steps + steps + steps + 1
+def reference_loop(batch, sampler, keep=None, spec=SPEC):
+    return OrtBackend({"unet": NumpyUNet(spec, Path("unet.onnx"))}).denoise(batch, sampler, keep)
 
 
+CASES = [  # guidance per image, steps each image is guided at (None: all), size
+    ([5.0], [None], 8, 12),
+    ([7.5, 2.0], [None, [0, 2]], 16, 8),  # mixed intervals: the UNet batch is 4, 3, 4, 3 rows
+    ([1.0, 6.0], [None, [1, 2, 3]], 8, 8),  # one image never guided
+    ([1.0], [None], 8, 16),
+]
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
 @pytest.mark.parametrize("cuda_graph", [False, True])
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_cuda_loop_and_graph_replay_equal_the_numpy_loop(cuda_graph, device, trt_standin):
-    """denoise_torch (and its captured CUDA-graph step) with the torch stand-in UNet, on a GPU and on the CPU
-    device, across requests that change batch, guidance and steps, and a request whose rows are dropped mid-loop."""
-    from kolors_trt.runtime.backend_trt import denoise_torch
+def test_device_loop_equals_the_numpy_loop_for_every_sampler(name, cuda_graph, trt_standin):
+    unet = TorchUNet(SPEC, trt_standin.CpuDevice(), cuda_graph=cuda_graph)
+    rng = np.random.default_rng(len(name))
+    for guidance, where, h, w in CASES:
+        sampler = tables(name, 4)
+        batch = loop_inputs(rng, sampler, guidance, where, h, w)
+        want = reference_loop(batch, sampler)
+        rows = unet.rows
+        got = denoise_device(unet, batch, sampler)
+        assert unet.rows - rows == int(batch.cfg.sum()) + batch.n * sampler.steps  # one row per guided image more
+        assert not np.allclose(got, batch.latents)  # the loop moved the latents
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+    if cuda_graph:  # one loop state per (image rows, size), one graph per UNet batch size of each
+        sizes = {key: sorted(loop.graphs) for key, loop in unet.graphs.items()}
+        assert sorted(map(tuple, sizes.values())) == [(1,), (2,), (2, 3), (3, 4)]
 
-    unet = TorchUNet(SPEC, torch.cuda if device == "cuda" else trt_standin.CpuDevice(), cuda_graph=cuda_graph)
-    reference = OrtBackend({"unet": NumpyUNet(SPEC, Path("unet.onnx"))})
+
+@pytest.mark.parametrize("name, override", [("unipc", {}), ("euler_a", {}), ("dpmpp_2m_karras", {}),
+                                            ("euler", {"prediction_type": "v_prediction"})])
+def test_rows_dropped_mid_loop_keep_their_history_and_noise(name, override, trt_standin):
+    """on_step keeping one image: the survivor's history (UniPC's corrected sample, the last data predictions)
+    and its noise rows carry over the restart, so it ends as in the numpy loop."""
+    sampler = tables(name, 5, **override)
+    batch = loop_inputs(np.random.default_rng(3), sampler, [5.0, 3.0, 6.0], [None, [0, 1], [3, 4]], 8, 12)
+    keep = lambda i, x: [0, 2] if i == 1 else ([1] if i == 3 else None)  # noqa: E731
+    want = reference_loop(batch, sampler, keep, THREE_SPEC)
+    for cuda_graph in (False, True):
+        got = denoise_device(TorchUNet(THREE_SPEC, trt_standin.CpuDevice(), cuda_graph), batch, sampler, keep)
+        assert got.shape == (1, 4, 8, 12)
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+    stopped = denoise_device(TorchUNet(THREE_SPEC, trt_standin.CpuDevice()), batch, sampler, lambda i, x: [])
+    assert stopped.shape == (0, 4, 8, 12)
+
+
+def test_a_static_profile_pads_every_step_and_replays_one_graph(trt_standin):
+    """UNet batch fixed at 4: one image guided at 2 of 4 steps is padded to 4 rows at every step."""
+    device = trt_standin.CpuDevice()
+    unet = TorchUNet(STATIC_SPEC, device, cuda_graph=True)
+    sampler = tables("dpmpp_2m", 4)
+    batch = loop_inputs(np.random.default_rng(9), sampler, [5.0], [[1, 2]], 8, 12)
+    want = reference_loop(batch, sampler, spec=STATIC_SPEC)
+    got = denoise_device(unet, batch, sampler)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+    assert unet.rows == 4 * 4 and [g.replays for g in device.graphs] == [4]
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the operations that read a device value on the host (.item(), bool(tensor), .tolist())."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_step_reads_the_device_on_the_host(trt_standin, monkeypatch):
+    """Each step is device-to-device copies and launches: no host read of a device value; the latents come back
+    once, at the end."""
+    import kolors_trt.runtime.trt_loop as trt_loop
+
+    copies = []
+    monkeypatch.setattr(trt_loop, "host_copy", lambda t: copies.append(t) or t.detach().clone().numpy())
+    sampler = tables("unipc", 6)
+    batch = loop_inputs(np.random.default_rng(2), sampler, [5.0, 7.0], [None, [2, 3]], 8, 12)
+    with HostReads() as reads:
+        denoise_device(TorchUNet(SPEC, trt_standin.CpuDevice()), batch, sampler)
+    assert reads.count == 0 and len(copies) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_cuda_loop_and_graph_replay_equal_the_numpy_loop(cuda_graph):
+    """On a GPU: the loop and its captured CUDA graphs with the torch stand-in UNet, every sampler, mixed
+    intervals and a row drop."""
+    unet = TorchUNet(SPEC, torch.cuda, cuda_graph=cuda_graph)
     rng = np.random.default_rng(7)
-    for guidance, steps, h, w, drop in [([5.0], 4, 8, 12, None), ([7.5, 2.0], 3, 16, 8, None), ([5.0], 6, 8, 12, None),
-                                        ([1.0, 1.0], 2, 8, 8, None), ([7.5, 2.0], 4, 16, 8, (1, [1]))]:
-        n, do_cfg = len(guidance), min(guidance) > 1
-        guidance = np.array(guidance, np.float32)
-        cond = conditioning(rng, n, do_cfg, h, w)
-        latents = rng.standard_normal((n, 4, h, w)).astype(np.float32) * np.float32(14.6)
-        scheduler = EulerDiscreteScheduler(SchedulerConfig.from_dict(KOLORS_SCHEDULER), steps)
-        keep = None if drop is None else (lambda i, x, at=drop[0], rows=drop[1]: rows if i == at else None)
-        want = reference.denoise(latents, cond, scheduler, guidance, do_cfg, keep)
-        got = denoise_torch(unet, latents, cond, scheduler, guidance, do_cfg, keep)
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-    if cuda_graph:
-        assert unet.graphs  # steps were captured and replayed
+    for name in SAMPLERS:
+        sampler = tables(name, 4)
+        for guidance, where, h, w in CASES:
+            batch = loop_inputs(rng, sampler, guidance, where, h, w)
+            keep = (lambda i, x: [0] if i == 1 else None) if len(guidance) > 1 else None
+            want = reference_loop(batch, sampler, keep)
+            got = denoise_device(unet, batch, sampler, keep)
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

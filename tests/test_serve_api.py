@@ -113,6 +113,37 @@ def test_reference_id_reuses_cached_tokens_without_the_image_encoder(server, cli
     assert r.parameters["reference_id"] == up["id"]
 
 
+def test_sampler_and_guidance_interval_equal_the_pipeline_and_other_samplers_batch_apart(server, client, pipe):
+    """scheduler and guidance_interval (JSON, and "LOW:HIGH" in a form) give the local Pipeline's image; the UNet
+    rows metric counts the skipped unconditional rows; requests of two samplers never share a batch."""
+    sigmas = pipe.samplers.tables("dpmpp_2m_karras", 3).sigmas[:3]
+    before = server.metrics()
+    r = client.images.generate(prompt="a cat", size="64x64", extra_body={
+        "seed": 5, "num_inference_steps": 3, "scheduler": "dpmpp_2m_karras", "guidance_interval": [0.28, 5.42]})
+    after = server.metrics()
+    want = pipe.generate("a cat", height=64, width=64, num_inference_steps=3, seed=5, ip_adapter_scale=0,
+                         scheduler="dpmpp_2m_karras", guidance_interval=(0.28, 5.42))
+    assert max_diff(decode(r.data[0].b64_json), want.images[0]) <= 1
+    assert r.parameters["scheduler"] == "dpmpp_2m_karras" and r.parameters["guidance_interval"] == [0.28, 5.42]
+    guided = int(((sigmas > 0.28) & (sigmas <= 5.42)).sum())
+    assert 0 < guided < 3
+    rows = "kolors_trt_unet_rows_total"
+    assert live.sample(after, rows, graph="unet") - live.sample(before, rows, graph="unet") == 3 + guided
+    edit = client.images.edit(image=("ref.png", png(8), "image/png"), prompt="a dog", size="64x64",
+                              extra_body={"seed": 6, "num_inference_steps": 2, "scheduler": "euler_a",
+                                          "guidance_interval": "0.28:5.42"})
+    want = pipe.generate("a dog", ip_adapter_image=png(8), height=64, width=64, num_inference_steps=2, seed=6,
+                         scheduler="euler_a", guidance_interval=(0.28, 5.42))
+    assert max_diff(decode(edit.data[0].b64_json), want.images[0]) <= 1
+    before = server.metrics()
+    live.concurrently([lambda name=name: server.openai().images.generate(
+        prompt="same", size="64x64", extra_body={"seed": 1, "num_inference_steps": 2, "scheduler": name})
+        for name in ("unipc", "dpmpp_2m")])
+    after = server.metrics()
+    assert live.sample(after, "kolors_trt_batch_size_count") - live.sample(before, "kolors_trt_batch_size_count") == 2
+    assert live.sample(after, RUNS, component="unet") - live.sample(before, RUNS, component="unet") == 2 * 2
+
+
 def test_stream_sends_a_preview_per_step_then_the_final_image(client, pipe):
     events = list(client.images.generate(prompt="a cat", size="96x64", stream=True, partial_images=3,
                                          extra_body={"seed": 9, "num_inference_steps": 3}))
@@ -139,6 +170,7 @@ def test_models_lists_the_model_and_its_profile(client):
     assert card["profile"]["height"] == {"min": 32, "opt": 32, "max": 320} and card["size_multiple"] == 32
     assert card["max_images_per_batch"] == {"cfg": 4, "no_cfg": 4} and card["startup_seconds"] > 0
     assert card["max_steps"] == 1000
+    assert card["samplers"] == ["euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc"]
 
 
 GOOD = {"prompt": "ok", "size": "32x32", "num_inference_steps": 1}
@@ -210,6 +242,16 @@ BAD = [  # (what, request, status, error.code, error.param); a callable value is
     ("wrong API key", ("/v1/images/generations", {"json": GOOD, "headers": {"Authorization": "Bearer nope"}}), 401,
      "invalid_api_key", None),
     ("unknown route", ("/v1/images/variations", {"json": GOOD}), 404, "not_found", None),
+    ("unknown sampler", ("/v1/images/generations", {"json": {**GOOD, "scheduler": "ddim"}}), 400, "invalid_value",
+     "scheduler"),
+    ("guidance interval low >= high", ("/v1/images/generations", {"json": {**GOOD, "guidance_interval": [5, 1]}}),
+     400, "invalid_value", "guidance_interval"),
+    ("negative guidance interval", ("/v1/images/generations", {"json": {**GOOD, "guidance_interval": [-1, 1]}}), 400,
+     "invalid_value", "guidance_interval.0"),
+    ("guidance interval of one value", ("/v1/images/generations", {"json": {**GOOD, "guidance_interval": [1]}}), 400,
+     "invalid_value", "guidance_interval"),
+    ("guidance interval in a form", ("/v1/images/edits", edit(png(7), guidance_interval="5:1")), 400, "invalid_value",
+     "guidance_interval"),
 ]
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from kolors_trt.serve.protocol import INTERVAL_TEXT
+
 _spec = importlib.util.spec_from_file_location("serve_live", Path(__file__).with_name("serve_live.py"))
 live = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(live)
@@ -24,9 +26,45 @@ EXAMPLES = 3  # per operation and phase
 MAX_TIME_S = 60  # schemathesis' own budget for the run: its fuzzing phase stops there on a loaded machine
 # An upload is schema-valid as any bytes (format: binary) but only an image is usable: the documented 422.
 CONFIG = """
+hooks = "HOOKS"
+
 [[operations]]
 include-path-regex = "^/v1/(images/edits|references)$"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "404", "422", "429"]
+"""
+
+
+# guidance_interval's low < high is the one rule of the API that JSON Schema cannot state (it compares two items;
+# the document says it in the field's description): generated bodies obey it, as a client reading the document
+# would. Any other problem of the field (a negative bound, a third item, text that is no LOW:HIGH) stays.
+HOOKS = """
+import re
+
+import schemathesis
+
+PATTERN = re.compile(PATTERN_TEXT)
+
+
+def ordered(low, high):  # an equal pair moves apart within the documented [0, 1e6]
+    if low != high:
+        return (min(low, high), max(low, high))
+    return (low, low + 1) if low + 1 <= 1e6 else (low - 1, low)
+
+
+def text(value):  # in the documented LOW:HIGH pattern (no exponent)
+    return format(value, ".9f").rstrip("0").rstrip(".")
+
+
+@schemathesis.hook
+def map_case(context, case):  # every phase: coverage, fuzzing, stateful
+    body = case.body
+    value = body.get("guidance_interval") if isinstance(body, dict) else None
+    if isinstance(value, list) and len(value) == 2 and all(type(v) in (int, float) for v in value):
+        case.body = {**body, "guidance_interval": list(ordered(*value))}
+    elif isinstance(value, str) and PATTERN.match(value):  # a schema-valid text only: invalid ones stay invalid
+        low, high = (float(part) for part in value.split(":"))
+        case.body = {**body, "guidance_interval": ":".join(text(v) for v in ordered(low, high))}
+    return case
 """
 
 
@@ -53,6 +91,13 @@ def test_the_document_has_the_multipart_bodies_limits_and_every_error(server):
     assert generation["size"]["pattern"] == "^(auto|(32|64)x(32|64))$"  # --max-size 64, multiples of 32
     assert generation["n"]["maximum"] == 2 and generation["prompt"]["maxLength"] == 4000
     assert generation["partial_images"]["maximum"] == 3 and generation["partial_images"]["default"] == 0
+    interval = next(b for b in generation["guidance_interval"]["anyOf"] if b["type"] == "array")
+    assert interval == {"type": "array", "minItems": 2, "maxItems": 2,
+                        "items": {"type": "number", "minimum": 0, "maximum": 1e6}}
+    assert "low < high" in generation["guidance_interval"]["description"]
+    assert next(b for b in generation["scheduler"]["anyOf"] if "enum" in b)["enum"] == [
+        "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc"]
+    assert edit["properties"]["guidance_interval"]["pattern"] == r"^[0-9]{1,6}(\.[0-9]{1,9})?:[0-9]{1,6}(\.[0-9]{1,9})?$"
     answers = paths["/v1/images/generations"]["post"]["responses"]
     assert sorted(answers) == ["200", "400", "401", "404", "413", "429", "500", "503", "504"]
     assert set(answers["200"]["content"]) == {"application/json", "text/event-stream"}
@@ -65,8 +110,10 @@ def test_the_document_has_the_multipart_bodies_limits_and_every_error(server):
 
 
 def test_schemathesis_checks_all_pass_against_the_live_server(server, tmp_path):
+    hooks = tmp_path / "interval_hooks.py"
+    hooks.write_text(HOOKS.replace("PATTERN_TEXT", repr(f"^{INTERVAL_TEXT.pattern}")))
     config = tmp_path / "schemathesis.toml"
-    config.write_text(CONFIG)
+    config.write_text(CONFIG.replace("HOOKS", str(hooks)))
     command = [str(Path(sys.executable).with_name("schemathesis")), "--config-file", str(config), "run",
                f"{server.url}/openapi.json", "--checks", "all", "-H", f"Authorization: Bearer {KEY}",
                "--max-examples", str(EXAMPLES), "--generation-deterministic", "--workers", "1",

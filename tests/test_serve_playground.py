@@ -377,6 +377,30 @@ def test_a_bad_size_shows_the_servers_400_message(server, page):
     assert "multiple of 32" in error["message"] and page.locator("#progress-label").inner_text() == "Failed"
 
 
+def test_a_sampler_and_guidance_interval_from_the_page_give_the_apis_image(server, page):
+    """The sampler block sends scheduler and guidance_interval to the live server: the page shows the API's image
+    for the same fields, its parameters name them, and the unconditional rows outside the interval are skipped."""
+    open_page(page, server)
+    page.get_by_label("Prompt", exact=True).fill("a lighthouse at dusk")
+    page.get_by_label("Size (width × height)").select_option("32x32")
+    page.get_by_label("Steps").fill("3")
+    page.get_by_label("Random seed").uncheck()
+    page.get_by_label("Seed", exact=True).fill("77")
+    page.get_by_label("Sampler", exact=True).select_option("unipc")
+    page.get_by_label("Guidance interval low (sigma)").fill("0.28")
+    page.get_by_label("Guidance interval high (sigma)").fill("5.42")
+    rows = ("kolors_trt_unet_rows_total", {"graph": "unet"})
+    before = metric(server, *rows)
+    page.get_by_role("button", name="Generate").click()
+    page.locator("#result").wait_for(state="visible")
+    assert metric(server, *rows) - before == 3 + 3 - 1  # unipc at 3 steps: sigmas 5.87, 1.94, 0.77 (one outside)
+    shown = shown_params(page)
+    assert (shown["scheduler"], shown["guidance_interval"]) == ("unipc", "[0.28,5.42]")
+    expected = api_png(server, {"prompt": "a lighthouse at dusk", "size": "32x32", "num_inference_steps": 3,
+                                "seed": 77, "scheduler": "unipc", "guidance_interval": [0.28, 5.42]})
+    assert np.array_equal(shown_pixels(page), np.asarray(Image.open(io.BytesIO(expected)).convert("RGB")))
+
+
 def test_phone_width_labels_and_keyboard_only_use(server, browser):
     context = browser.new_context(viewport={"width": 375, "height": 740}, is_mobile=True, has_touch=True)
     page = context.new_page()
@@ -428,10 +452,14 @@ def test_phone_width_labels_and_keyboard_only_use(server, browser):
 
 
 def test_optional_features_appear_only_when_the_server_advertises_them(server, page):
-    """The live server advertises no sampler, DeepCache or LoRA: the page shows none. Then the page is shown a
-    card and a LoRA list that do (the contract those features implement) and sends their request fields."""
+    """The live server advertises its samplers (the sampler block lists them after the server default) and no
+    DeepCache or LoRA: the page shows neither. Then the page is shown a card and a LoRA list that do (the
+    contract those features implement) and sends their request fields."""
     open_page(page, server)
-    for block in ("#sampler-block", "#deep-cache-block", "#lora-block"):
+    assert page.locator("#sampler-block").is_visible()
+    assert page.locator("#sampler option").all_inner_texts() == [
+        "server default (euler)", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc"]
+    for block in ("#deep-cache-block", "#lora-block"):
         assert page.locator(block).is_hidden()
     with server.client() as http:
         assert http.get("/v1/loras").status_code == 404  # not on this server yet
