@@ -49,7 +49,9 @@ from kolors_trt.runtime.trt_logger import trt_logger
 
 from .errors import EngineBuildError, TimingCacheError
 from .interrupt import progress_monitor, run_cancellable
-from .manifest import MANIFEST, cache_key, damaged_plans, new_engine_manifest, profile_json
+from kolors_trt.runtime.artifacts import MANIFEST
+
+from .manifest import cache_key, damaged_plans, new_engine_manifest, profile_json
 from .network import check_network, parse_onnx
 from .precision import plan_targets
 from .targets import (

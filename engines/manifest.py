@@ -30,27 +30,22 @@ from pathlib import Path
 from typing import Mapping
 
 from kolors_trt.runtime.hashing import sha256_file
-from kolors_trt.runtime.manifest import StaleFileError, verify_files
-from kolors_trt.runtime.spec import (
-    ENGINE_FORMAT,
-    ModelDims,
-    SpecError,
-    engine_specs,
-    model_dims_from_json,
-    profile_from_json,
-    spec_hash,
-    to_json,
-    trt_profile,
+from kolors_trt.runtime.artifacts import (
+    MANIFEST,
+    EngineFolderError,
+    engine_specs_of,
+    missing_asset_dirs,
+    read_engine_manifest,
+    spec_mismatches,
+    stale_assets,
 )
-
-from kolors_trt.runtime.artifacts import ASSET_DIRS, EngineFolderError, read_engine_manifest
+from kolors_trt.runtime.manifest import StaleFileError, verify_files
+from kolors_trt.runtime.spec import ENGINE_FORMAT, ModelDims, to_json, trt_profile
 
 from .targets import PLAN_MAGIC
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-FORMAT = ENGINE_FORMAT
 
 
 def profile_json(spec) -> dict:
@@ -65,7 +60,7 @@ def cache_key(fields: Mapping) -> str:
 
 
 def new_engine_manifest(target: str, model_dims: ModelDims, profile, runtime: Mapping) -> dict:
-    return {"format": FORMAT, "target": target, "model_dims": to_json(model_dims), "profile": to_json(profile),
+    return {"format": ENGINE_FORMAT, "target": target, "model_dims": to_json(model_dims), "profile": to_json(profile),
             "runtime": dict(runtime), "assets": {}, "engines": {}}
 
 
@@ -117,20 +112,10 @@ def verify_engine_folder(folder: Path) -> dict:
     m = read_engine_manifest(folder)
     if m is None:
         raise EngineFolderError(f"engines: {path} is missing; build the folder with kolors-trt build")
-    try:
-        specs = engine_specs(model_dims_from_json(m["model_dims"]), profile_from_json(m["profile"]))
-    except (KeyError, TypeError, SpecError) as e:
-        raise EngineFolderError(f"engines: {path}: model_dims/profile do not make a spec ({e!r}); rebuild with kolors-trt build") from None
-    problems = []
-    for d in ASSET_DIRS:
-        if not (folder / d).is_dir():
-            problems.append(f"{d}/ is missing (copied from the export folder at build time)")
-    for rel, want in m.get("assets", {}).items():
-        file = folder / rel
-        if not file.is_file():
-            problems.append(f"asset {rel} is missing")
-        elif sha256_file(file) != want:
-            problems.append(f"asset {rel} differs from its sha256 in the manifest")
+    specs = engine_specs_of(m, path)
+    problems = [f"{d} is missing (copied from the export folder at build time)" for d in missing_asset_dirs(folder)]
+    problems += stale_assets(folder, m.get("assets", {}))
+    stale = spec_mismatches(m, specs)
     engines = m["engines"]
     if not engines:
         problems.append("the manifest lists no engines")
@@ -138,8 +123,8 @@ def verify_engine_folder(folder: Path) -> dict:
         if name not in specs:
             problems.append(f"{name}: not an engine of the spec (known: {sorted(specs)})")
             continue
-        if entry["spec_hash"] != spec_hash(specs[name]):
-            problems.append(f"{name}: spec_hash {entry['spec_hash']} differs from the manifest's model_dims/profile ({spec_hash(specs[name])})")
+        if name in stale:
+            problems.append(f"{name}: {stale[name]}")
         if entry["profile"] != profile_json(specs[name]):
             problems.append(f"{name}: the profile shapes differ from the spec's")
         problems += plan_problems(folder, name, entry)

@@ -29,17 +29,18 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional
 
 from kolors_trt.runtime import spec as S
-from kolors_trt.runtime.artifacts import ExportFolder, ExportFolderError, copy_assets, read_export_folder, tokenizer_sha256
+from kolors_trt.runtime.artifacts import (
+    MANIFEST,
+    ExportFolder,
+    ExportFolderError,
+    copy_assets,
+    manifest_format,
+    read_export_folder,
+    tokenizer_sha256,
+)
 from kolors_trt.runtime.errors import InputError
 from kolors_trt.runtime.hashing import sha256_file
-from kolors_trt.runtime.manifest import (
-    MANIFEST,
-    ManifestError,
-    deferred_interrupts,
-    read_json_object,
-    temp_path,
-    write_json_atomic,
-)
+from kolors_trt.runtime.manifest import ManifestError, deferred_interrupts, temp_path, write_json_atomic
 
 from . import checkpoint as ck
 
@@ -67,14 +68,14 @@ def existing_folder(out: Path) -> tuple[Optional[ExportFolder], Optional[Excepti
     broken or outdated one; (None, None) when it holds none. A folder whose manifest is not an
     export manifest is not ours to overwrite: OutputFolderError."""
     path = Path(out) / MANIFEST
-    if not path.exists() and not path.is_symlink():
-        return None, None
     try:
-        m = read_json_object(path)
+        fmt = manifest_format(out)
     except ManifestError as err:
         raise OutputFolderError(f"export: {err}: {out} is not an export folder; choose another --out") from None
-    if m.get("format") != S.EXPORT_FORMAT:
-        raise OutputFolderError(f"export: {path} has format {str(m.get('format'))[:80]!r}, not {S.EXPORT_FORMAT!r}: "
+    if fmt is None:
+        return None, None
+    if fmt != S.EXPORT_FORMAT:
+        raise OutputFolderError(f"export: {path} has format {fmt[:80]!r}, not {S.EXPORT_FORMAT!r}: "
                                 f"{out} is not an export folder (an engine folder, or another tool's); choose another --out")
     try:
         return read_export_folder(out), None

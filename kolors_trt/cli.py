@@ -85,11 +85,10 @@ def _calibration_args(args, unet_precision: str):
 
 
 def _print_quantization(out: Path) -> None:
-    import json
-
+    from kolors_trt.runtime.artifacts import read_export_folder
     from kolors_trt.runtime.table import markdown_table
 
-    q = json.loads((out / "manifest.json").read_text())["components"]["unet"].get("quantization")
+    q = read_export_folder(out, verify=False).components["unet"].entry.get("quantization")
     if not q:
         return
     e, c, t = q["error"], q["calibration"], q["tolerance"]
@@ -108,12 +107,11 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _bench(args) -> int:
-    import json
-
     from kolors_trt import bench as B
+    from kolors_trt.runtime.artifacts import read_manifest
 
     folder = Path(args.engines or args.onnx)
-    manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").is_file() else {}
+    manifest = read_manifest(folder)
     defaults = {**S.SAMPLING_DEFAULTS, **manifest.get("runtime", {}).get("defaults", {})}
     height, width = args.size or (defaults["height"], defaults["width"])
     steps = args.steps if args.steps is not None else defaults["num_inference_steps"]

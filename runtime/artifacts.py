@@ -1,6 +1,10 @@
-"""The folders the toolkit hands on, as their readers see them: export folders
-(``read_export_folder``) and engine folders (``read_engine_manifest``), each manifest
-typed, every path contained, every file against its sha256.
+"""The manifest format's one home: the folders the toolkit hands on, as their readers see
+them: export folders (``read_export_folder``) and engine folders (``read_engine_manifest``,
+``engine_specs_of``, ``spec_mismatches``), each manifest typed, every path contained,
+every file against its sha256. Export, build, runtime, CLI and server read manifests only
+through this module (``manifest_format``, ``read_manifest`` for a quick look);
+runtime/manifest.py holds the file mechanics beneath it (atomic writes, containment,
+typed fields, the verification stamp).
 
 Pure Python (no torch, no TensorRT). `kolors-trt build` reads its input and its
 previous output with it, `kolors-trt export` an existing output folder before it adds
@@ -30,7 +34,16 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from .hashing import sha256_file
-from .manifest import FolderError, ManifestError, atomic_path, contained, is_sha256, read_json_object, verify_files
+from .manifest import (
+    FolderError,
+    ManifestError,
+    StaleFileError,
+    atomic_path,
+    contained,
+    is_sha256,
+    read_json_object,
+    verify_files,
+)
 from .manifest import field as typed
 from .spec import (
     COMPONENT_PRECISIONS,
@@ -38,8 +51,13 @@ from .spec import (
     ENGINE_FORMAT,
     EXPORT_FORMAT,
     EXPORT_VERSION,
+    EngineSpec,
     ModelDims,
+    SpecError,
+    engine_specs,
     model_dims_from_json,
+    profile_from_json,
+    spec_hash,
 )
 
 log = logging.getLogger(__name__)
@@ -116,8 +134,10 @@ def read_export_folder(root: Path, verify: bool = True) -> ExportFolder:
             files[comps[name].data.relative_to(root).as_posix()] = comps[name].data_sha256
     assets = asset_hashes(root, m, path)
     for d in ASSET_DIRS:
-        if not contained(root, d, f"{path}: asset folder").is_dir():
-            raise ExportFolderError(f"{root / d} is missing; every export folder has it: re-run kolors-trt export")
+        contained(root, d, f"{path}: asset folder")
+    missing = missing_asset_dirs(root)
+    if missing:
+        raise ExportFolderError(f"{root / missing[0]} is missing; every export folder has it: re-run kolors-trt export")
     if verify:
         verify_files(root, {**files, **assets}, path)
     return ExportFolder(root, model_dims_from_json(dims), comps, runtime, assets, m)
@@ -262,3 +282,61 @@ def read_engine_manifest(folder: Path) -> Optional[dict]:
             typed(m, f"engines.{name}.{key}", kind, path)
         contained(folder, m["engines"][name]["file"], f"{path}: engines.{name}.file")
     return m
+
+
+def manifest_format(root: Path) -> Optional[str]:
+    """The "format" of ``root/manifest.json`` (EXPORT_FORMAT, ENGINE_FORMAT or another tool's value),
+    or None when the folder has no manifest. A malformed file raises ManifestError naming it."""
+    path = Path(root) / MANIFEST
+    if not path.exists() and not path.is_symlink():
+        return None
+    fmt = read_json_object(path).get("format")
+    return fmt if isinstance(fmt, str) else repr(fmt)
+
+
+def read_manifest(root: Path) -> dict:
+    """An export or engine folder's manifest, checked field by field but no file hashed (for a quick
+    look: bench's defaults, the checkpoint it came from); {} when the folder has none (a command that
+    needs one says so later)."""
+    fmt = manifest_format(root)
+    if fmt is None:
+        return {}
+    if fmt == ENGINE_FORMAT:
+        return read_engine_manifest(root)
+    return dict(read_export_folder(root, verify=False).manifest)
+
+
+def engine_specs_of(m: Mapping, path: Path) -> dict:
+    """{engine: EngineSpec} rebuilt from a checked engine manifest's model_dims and profile (the
+    I/O contract its plans were built for); EngineFolderError when they do not make a spec."""
+    try:
+        return engine_specs(model_dims_from_json(m["model_dims"]), profile_from_json(m["profile"]))
+    except (KeyError, TypeError, ValueError, SpecError) as err:
+        raise EngineFolderError(f"engines: {path}: model_dims/profile do not make an engine spec ({err}); "
+                                "rebuild with kolors-trt build") from None
+
+
+def spec_mismatches(m: Mapping, specs: Mapping[str, EngineSpec]) -> dict:
+    """{engine: message} for each entry whose spec_hash is not this kolors-trt's contract for it
+    (built by another version or profile); engines the spec does not know are left to the caller."""
+    found = {}
+    for name, entry in m["engines"].items():
+        if name in specs and entry["spec_hash"] != spec_hash(specs[name]):
+            found[name] = (f"engines.{name}.spec_hash is {entry['spec_hash']!r}, this kolors-trt's contract for {name} "
+                           f"is {spec_hash(specs[name])!r} (built by another kolors-trt version or profile)")
+    return found
+
+
+def missing_asset_dirs(root: Path) -> list[str]:
+    """The asset folders (ASSET_DIRS) a folder lacks: every export folder has them, build copies them."""
+    return [f"{d}/" for d in ASSET_DIRS if not (Path(root) / d).is_dir()]
+
+
+def stale_assets(root: Path, assets: Mapping) -> list[str]:
+    """What is wrong with a folder's asset files against the manifest's sha256s (through the
+    verification stamp): [] or the first problem."""
+    try:
+        verify_files(root, dict(assets), Path(root) / MANIFEST)
+    except StaleFileError as err:
+        return [str(err)]
+    return []

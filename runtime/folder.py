@@ -23,9 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .artifacts import ASSET_DIRS, asset_hashes, read_engine_manifest, read_export_folder
+from .artifacts import (
+    MANIFEST,
+    asset_hashes,
+    engine_specs_of,
+    manifest_format,
+    missing_asset_dirs,
+    read_engine_manifest,
+    read_export_folder,
+    spec_mismatches,
+)
 from .errors import ServiceError
-from .manifest import MANIFEST, FolderError, StaleFileError, read_json_object, verify_files
+from .manifest import FolderError, StaleFileError, verify_files
 from .spec import (
     COMPONENTS,
     DEFAULT_PROFILE,
@@ -39,7 +48,6 @@ from .spec import (
     engine_specs,
     model_dims_from_json,
     profile_from_json,
-    spec_hash,
 )
 
 logger = logging.getLogger(__name__)
@@ -114,7 +122,7 @@ def read_folder(root: str | Path, verify: bool = True, limits: Optional[Limits] 
         raise FolderError(f"model folder {root}: not a folder; pass an export folder (--onnx) or engine folder (--engines)")
     if not path.is_file():
         raise FolderError(f"model folder {root}: no {MANIFEST}; pass a folder written by kolors-trt export or kolors-trt build")
-    fmt = read_json_object(path).get("format")
+    fmt = manifest_format(root)
     try:
         if fmt == EXPORT_FORMAT:
             folder = _export_folder(root, verify, limits)
@@ -144,28 +152,19 @@ def _export_folder(root: Path, verify: bool, limits: Optional[Limits]) -> ModelF
 def _engine_folder(root: Path, verify: bool) -> ModelFolder:
     path = root / MANIFEST
     m = read_engine_manifest(root)
-    try:
-        dims = model_dims_from_json(m["model_dims"])
-        profile = profile_from_json(m["profile"])
-        specs = engine_specs(dims, profile)
-    except (KeyError, TypeError, ValueError) as err:
-        raise FolderError(f"{path}: model_dims/profile do not make an engine spec ({err}); rebuild with kolors-trt "
-                          "build") from None
+    specs = engine_specs_of(m, path)
+    dims, profile = model_dims_from_json(m["model_dims"]), profile_from_json(m["profile"])
+    stale = spec_mismatches(m, specs)
+    if stale:
+        raise StaleArtifactError(f"{path}: {next(iter(stale.values()))}; rebuild with kolors-trt build")
     files, entries, hashes = {}, {}, {}
     for name, entry in m["engines"].items():
-        if name not in specs:
-            continue
-        if entry["spec_hash"] != spec_hash(specs[name]):
-            raise StaleArtifactError(
-                f"{path}: engines.{name}.spec_hash is {entry['spec_hash']!r}, this runtime's contract for {name} is "
-                f"{spec_hash(specs[name])!r} (built by another kolors-trt version or profile); rebuild with kolors-trt "
-                "build"
-            )
-        files[name], entries[name] = root / entry["file"], entry
-        hashes[entry["file"]] = entry["plan_sha256"]
-    for asset in ASSET_DIRS:
-        if not (root / asset).is_dir():
-            raise FolderError(f"model folder {root}: {asset}/ is missing (copied from the export folder by build)")
+        if name in specs:
+            files[name], entries[name] = root / entry["file"], entry
+            hashes[entry["file"]] = entry["plan_sha256"]
+    missing = missing_asset_dirs(root)
+    if missing:
+        raise FolderError(f"model folder {root}: {missing[0]} is missing (copied from the export folder by build)")
     if verify:
         checked = verify_files(root, {**hashes, **asset_hashes(root, m, path)}, path)
         logger.info("%s: hashed %d file(s), %d unchanged since the last check", root, len(checked["hashed"]),

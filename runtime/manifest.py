@@ -35,7 +35,6 @@ from .hashing import sha256_file
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 STAMP = ".verified.json"
 TMP_MARK = ".kt-tmp-"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -292,7 +291,6 @@ def verify_files(root: str | Path, expected: Mapping[str, str], where: str | Pat
 
 __all__ = [
     "FolderError",
-    "MANIFEST",
     "ManifestError",
     "PathEscapeError",
     "STAMP",

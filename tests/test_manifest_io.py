@@ -128,3 +128,61 @@ def test_verify_files_hashes_once_then_trusts_the_stamp_until_a_file_changes(tmp
     b.unlink()
     with pytest.raises(StaleFileError, match="b.plan is missing"):
         verify_files(tmp_path, expected, "m.json")
+
+
+def _code_strings(path):
+    """The string constants of a module that are not docstrings."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    docs = {id(node.body[0].value) for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body
+            and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            and id(n) not in docs]
+
+
+def test_the_manifest_format_has_one_home():
+    """Only runtime/artifacts.py names the manifest file or compares a spec hash; export, build, the
+    runtime's folder reader, the CLI and the server call it."""
+    from pathlib import Path
+
+    import kolors_trt
+
+    root = Path(kolors_trt.__file__).resolve().parent.parent
+    sources = [p for d in ("runtime", "engines", "export", "serve", "kolors_trt") for p in (root / d).rglob("*.py")]
+    assert len(sources) > 30
+    naming = sorted(str(p.relative_to(root)) for p in sources if "manifest.json" in _code_strings(p))
+    assert naming == ["runtime/artifacts.py"]
+    comparing = sorted(str(p.relative_to(root)) for p in sources if '["spec_hash"] != spec_hash(' in p.read_text())
+    assert comparing == ["runtime/artifacts.py"]
+
+
+def test_read_manifest_and_its_format(tmp_path, onnx_fp32):
+    import json
+
+    from kolors_trt.runtime.artifacts import (
+        EngineFolderError,
+        engine_specs_of,
+        manifest_format,
+        read_export_folder,
+        read_manifest,
+        spec_mismatches,
+    )
+    from kolors_trt.runtime.spec import DEFAULT_PROFILE, EXPORT_FORMAT, to_json
+
+    assert manifest_format(tmp_path) is None and read_manifest(tmp_path) == {}
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": 3}))
+    assert manifest_format(tmp_path) == "3"
+    (tmp_path / "manifest.json").write_text("{")
+    with pytest.raises(ManifestError, match="manifest.json"):
+        manifest_format(tmp_path)
+    assert manifest_format(onnx_fp32) == EXPORT_FORMAT
+    m = read_manifest(onnx_fp32)
+    assert m == read_export_folder(onnx_fp32).manifest and m["runtime"]["vae_scaling_factor"] > 0
+    with pytest.raises(EngineFolderError, match="model_dims/profile"):
+        engine_specs_of({"model_dims": {}, "profile": {}}, tmp_path / "manifest.json")
+    specs = engine_specs_of({"model_dims": m["model_dims"], "profile": to_json(DEFAULT_PROFILE)}, tmp_path)
+    entries = {name: {"spec_hash": "x"} for name in specs}
+    found = spec_mismatches({"engines": {**entries, "other": {"spec_hash": "y"}}}, specs)
+    assert sorted(found) == sorted(specs) and all("another kolors-trt version or profile" in v for v in found.values())
