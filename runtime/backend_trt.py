@@ -34,7 +34,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from .device import cuda_device, from_host, host_copy
+from .device import cuda_device, host_copy
 from .engine import Backend, DenoiseBatch, Engine, StepCallback
 from .folder import BackendError, ModelFolder
 from .samplers import SamplerTables
