@@ -79,6 +79,8 @@ class ExportComponent:
     sha256: str  # of `onnx`, verified against the file
     data_sha256: Optional[str] = None
     entry: dict = field(default_factory=dict, compare=False)  # the manifest entry as written
+    lora_map: Optional[Path] = None  # {component}.lora.json (UNet, text encoder; export/lora_map.py)
+    lora_map_sha256: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,8 @@ def read_export_folder(root: Path, verify: bool = True) -> ExportFolder:
         files[comps[name].onnx.relative_to(root).as_posix()] = comps[name].sha256
         if comps[name].data is not None:
             files[comps[name].data.relative_to(root).as_posix()] = comps[name].data_sha256
+        if comps[name].lora_map is not None:
+            files[comps[name].lora_map.relative_to(root).as_posix()] = comps[name].lora_map_sha256
     assets = asset_hashes(root, m, path)
     for d in ASSET_DIRS:
         if not contained(root, d, f"{path}: asset folder").is_dir():
@@ -177,7 +181,11 @@ def _component(root: Path, path: Path, m: Mapping, name: str) -> ExportComponent
     if m["components"][name].get("external_data") is not None:
         data = contained(root, typed(m, f"{key}.external_data", "string", path), f"{path}: {key}.external_data")
         data_sha = typed(m, f"{key}.external_data_sha256", "sha256", path)
-    return ExportComponent(name, onnx, data, precision, sha, data_sha, dict(m["components"][name]))
+    lora = lora_sha = None
+    if m["components"][name].get("lora_map") is not None:
+        lora = contained(root, typed(m, f"{key}.lora_map", "string", path), f"{path}: {key}.lora_map")
+        lora_sha = typed(m, f"{key}.lora_map_sha256", "sha256", path)
+    return ExportComponent(name, onnx, data, precision, sha, data_sha, dict(m["components"][name]), lora, lora_sha)
 
 
 def asset_hashes(root: Path, m: Mapping, path: Path) -> dict:
