@@ -250,3 +250,28 @@ def test_runtime_lora_imports_no_torch(onnx_fp32, loras):
                          text=True, check=True)
     bad, swaps = json.loads(out.stdout.strip().splitlines()[-1])
     assert bad == [] and swaps == 2  # UNet and text encoder
+
+
+def test_cli_generate_with_loras(onnx_fp32, loras, reference, tmp_path, capsys):
+    from kolors_trt.cli import main
+    from kolors_trt.runtime.cli import lora_argument
+    from kolors_trt.runtime.postprocess import read_png_parameters
+
+    assert lora_argument("a/b.safetensors:0.8") == ("a/b.safetensors", 0.8)
+    assert lora_argument("a/b.safetensors") == ("a/b.safetensors", 1.0)
+    assert lora_argument("c:/x:y.safetensors") == ("c:/x:y.safetensors", 1.0)
+    ref = tmp_path / "ref.png"
+    reference_image().save(ref)
+    out = tmp_path / "out.png"
+    args = ["generate", "--onnx", str(onnx_fp32), "--image", str(ref), "--prompt", CASE["prompt"], "--out", str(out),
+            "--seed", str(CASE["seed"]), "--steps", str(CASE["steps"]), "--height", str(CASE["height"]), "--width",
+            str(CASE["width"]), "--guidance", str(CASE["guidance_scale"]), "--ip-scale", str(CASE["ip_adapter_scale"]),
+            "--no-progress"]
+    assert main(args + ["--lora", f"{loras['a']}:0.8", "--lora", f"{loras['b']}:0.5"]) == 0
+    assert level_diff(np.asarray(Image.open(out), dtype=np.int16), reference["a+b"]) <= 1
+    # both files are pytorch_lora_weights.safetensors: the second stem is made unique
+    assert read_png_parameters(out)["loras"] == {"pytorch_lora_weights": 0.8, "pytorch_lora_weights_2": 0.5}
+    capsys.readouterr()
+    assert main(args + ["--lora", str(tmp_path / "style.bin")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "only .safetensors files are read" in err[0]
