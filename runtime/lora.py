@@ -276,14 +276,7 @@ class LoraManager:
         arrays = {}
         for module, layers in parts.items():
             t = lora_map.targets[module]
-            delta = np.zeros(t.module_shape, np.float32)
-            for layer, weight in layers:
-                up, down = layer.up.reshape(layer.up.shape[0], -1), layer.down.reshape(layer.rank, -1)
-                delta += np.float32(weight * layer.scale) * (up @ down).reshape(t.module_shape)
-            if t.transpose:
-                delta = delta.T
-            fused = np.asarray(t.base(), np.float32) + np.float32(t.scale) * delta
-            arrays[t.initializer] = np.ascontiguousarray(fused.astype(t.dtype))
+            arrays[t.initializer] = fuse(t.base(), t, layers)
         for sha, _ in restore or ():
             adapter = next((a for a in self.adapters.values() if a.sha256 == sha), by_sha.get(sha))
             for module in (adapter.layers[component] if adapter is not None else lora_map.targets):
@@ -293,10 +286,23 @@ class LoraManager:
         return arrays
 
 
+def fuse(base: np.ndarray, target, layers: Sequence[tuple]) -> np.ndarray:
+    """``base`` (as stored: dtype, layout, scale of ``target``) + sum(weight * scale * up @ down) over ``layers``
+    ((LoraLayer, weight), in order), computed in float32 and cast back to the stored dtype. A transposed target
+    gets ``down^T @ up^T``: the product lands in the stored layout, with no strided pass over the weight."""
+    fused = np.array(base, dtype=np.float32)  # a copy: the base bytes are never written
+    for layer, weight in layers:
+        up, down = layer.up.reshape(layer.up.shape[0], -1), layer.down.reshape(layer.rank, -1)
+        product = down.T @ up.T if target.transpose else up @ down
+        product *= np.float32(weight * layer.scale * target.scale)
+        fused += product.reshape(fused.shape)
+    return fused.astype(target.dtype)
+
+
 def _graph_sha(folder: ModelFolder, component: str) -> Optional[str]:
     entry = folder.entries.get(component, {})
     return entry.get("sha256") if folder.kind == "onnx" else entry.get("onnx_sha256")
 
 
 __all__ = ["Adapter", "DEFAULT_MAX_FILE_BYTES", "LoraError", "LoraManager", "LoraSet", "LoraUnavailableError",
-           "check_layer"]
+           "check_layer", "fuse"]
