@@ -50,6 +50,7 @@ ASSET_DIRS = ("tokenizer", "scheduler")  # every export folder has them; engine 
 OPTIONAL_ASSET_DIRS = ("image_processor",)
 TOKENIZER_MODEL = "tokenizer/tokenizer.model"
 
+LORA_FILE_FIELDS = ("lora_map", "lora_base")  # optional engine-entry fields, each with a "_sha256" beside it
 # Fields every engine entry has, with their kinds (manifest.field).
 _ENTRY_FIELDS = {"file": "string", "plan_sha256": "sha256", "plan_bytes": "int", "precision": "string",
                  "spec_hash": "string", "cache_key": "string", "builder.name": "string", "builder.version": "string",
@@ -269,4 +270,13 @@ def read_engine_manifest(folder: Path) -> Optional[dict]:
         for key, kind in _ENTRY_FIELDS.items():
             typed(m, f"engines.{name}.{key}", kind, path)
         contained(folder, m["engines"][name]["file"], f"{path}: engines.{name}.file")
+        for key in LORA_FILE_FIELDS:  # a refittable plan's LoRA map and base weights (engines/lora.py)
+            if m["engines"][name].get(key) is not None:
+                contained(folder, typed(m, f"engines.{name}.{key}", "string", path), f"{path}: engines.{name}.{key}")
+                typed(m, f"engines.{name}.{key}_sha256", "sha256", path)
     return m
+
+
+def lora_file_hashes(entry: Mapping) -> dict:
+    """{relative file: sha256} of an engine entry's LoRA files (checked by read_engine_manifest)."""
+    return {entry[key]: entry[f"{key}_sha256"] for key in LORA_FILE_FIELDS if entry.get(key) is not None}

@@ -58,8 +58,9 @@ from .spec import EngineSpec, check_feeds
 # on_step(step_index, latents) -> None (all rows) | row indices to keep | [] (stop)
 StepCallback = Callable[[int, Callable[[], np.ndarray]], Optional[Sequence[int]]]
 # fused(restore) -> {initializer name: array in its stored dtype and layout}: the weights of the key asked for,
-# plus the base values of what the key `restore` (the one applied before; None: base) had changed
+# plus the base values of what the key `restore` (the one applied before; None: base; UNKNOWN_WEIGHTS: any) changed
 FusedWeights = Callable[[Optional[Hashable]], Mapping[str, np.ndarray]]
+UNKNOWN_WEIGHTS = ("weights unknown after a failed swap",)  # a weights_key no set has: the next swap rewrites all
 
 
 class WeightSwapError(InputError):
@@ -172,5 +173,5 @@ def guidance_column(guidance: np.ndarray) -> np.ndarray:
     return np.asarray(guidance, dtype=np.float32).reshape(-1, 1, 1, 1)
 
 
-__all__ = ["Backend", "DenoiseBatch", "Engine", "FusedWeights", "StepCallback", "WeightSwapError", "conditioning_rows",
-           "guidance_column", "step_rows"]
+__all__ = ["Backend", "DenoiseBatch", "Engine", "FusedWeights", "StepCallback", "UNKNOWN_WEIGHTS", "WeightSwapError",
+           "conditioning_rows", "guidance_column", "step_rows"]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .artifacts import ASSET_DIRS, asset_hashes, read_engine_manifest, read_export_folder
+from .artifacts import ASSET_DIRS, asset_hashes, lora_file_hashes, read_engine_manifest, read_export_folder
 from .errors import ServiceError
 from .manifest import MANIFEST, FolderError, StaleFileError, read_json_object, verify_files
 from .spec import (
@@ -163,6 +163,7 @@ def _engine_folder(root: Path, verify: bool) -> ModelFolder:
             )
         files[name], entries[name] = root / entry["file"], entry
         hashes[entry["file"]] = entry["plan_sha256"]
+        hashes.update(lora_file_hashes(entry))
     for asset in ASSET_DIRS:
         if not (root / asset).is_dir():
             raise FolderError(f"model folder {root}: {asset}/ is missing (copied from the export folder by build)")

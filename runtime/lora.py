@@ -37,6 +37,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from .engine import UNKNOWN_WEIGHTS
 from .folder import ModelFolder
 from .hashing import sha256_file
 from .lora_files import LoraError, LoraFileError, LoraLayer, check_values, parse_layers, read_peft_config, read_safetensors, weight_files
@@ -72,13 +73,17 @@ def _sha256(files: Sequence[Path]) -> str:
     return hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()
 
 
+def _unavailable(component: str, lora_map: Optional[LoraMap]) -> str:
+    if lora_map is None:
+        return (f"this folder has no LoRA map for its {component} (an export folder written before kolors-trt recorded "
+                "one, or an engine folder built without --refit); re-export, or rebuild with kolors-trt build --refit")
+    return f"LoRA cannot apply to the {component}: {lora_map.reason}"
+
+
 def check_layer(adapter: str, layer: LoraLayer, lora_map: Optional[LoraMap]) -> None:
     """The layer fits the module it names in this model, else LoraError / LoraUnavailableError."""
-    if lora_map is None:
-        raise LoraUnavailableError(f"lora {adapter}: this folder has no LoRA map for its {layer.component} (exported "
-                                   "before kolors-trt recorded one, or built without LoRA support); re-export / rebuild")
-    if not lora_map.supported:
-        raise LoraUnavailableError(f"lora {adapter}: cannot apply to the {layer.component}: {lora_map.reason}")
+    if lora_map is None or not lora_map.supported:
+        raise LoraUnavailableError(f"lora {adapter}: {_unavailable(layer.component, lora_map)}")
     target = lora_map.targets.get(layer.module)
     if target is None:
         raise LoraError(f"lora {adapter}: {layer.key}: this model's {layer.component} has no module {layer.module!r}")
@@ -137,7 +142,8 @@ class LoraManager:
 
     def _read(self, path: Path, weight_name: Optional[str], name: str) -> Adapter:
         files = weight_files(path, weight_name)
-        modules = {c: frozenset(m.targets) for c, m in self.maps.items() if m is not None}
+        modules = {c: frozenset(m.targets) for c, m in self.maps.items() if m is not None and m.supported}
+        unavailable = {c: _unavailable(c, m) for c, m in self.maps.items() if m is None or not m.supported}
         unet = self.maps.get("unet")
         per_block = unet.layers_per_block if unet is not None else 2
         layers: dict = {c: {} for c in LORA_COMPONENTS}
@@ -148,7 +154,8 @@ class LoraManager:
                                 f"{self.max_file_bytes / 2**20:.1f} MiB")
             tensors, metadata = read_safetensors(file)
             tensors = check_values(tensors, str(file))
-            for layer in parse_layers(tensors, metadata, str(file), modules, per_block, read_peft_config(config)):
+            for layer in parse_layers(tensors, metadata, str(file), modules, per_block, read_peft_config(config),
+                                      unavailable):
                 check_layer(name, layer, self.maps.get(layer.component))
                 if layer.module in layers[layer.component]:
                     raise LoraError(f"lora {name}: {layer.component} {layer.module} appears twice ({layer.key})")
@@ -277,10 +284,10 @@ class LoraManager:
         for module, layers in parts.items():
             t = lora_map.targets[module]
             arrays[t.initializer] = fuse(t.base(), t, layers)
-        for sha, _ in restore or ():
+        for sha, _ in (((None, None),) if restore == UNKNOWN_WEIGHTS else restore or ()):
             adapter = next((a for a in self.adapters.values() if a.sha256 == sha), by_sha.get(sha))
             for module in (adapter.layers[component] if adapter is not None else lora_map.targets):
-                t = lora_map.targets[module]
+                t = lora_map.targets[module]  # an adapter unloaded since (or unknown weights): every mapped weight
                 if t.initializer not in arrays:
                     arrays[t.initializer] = np.array(t.base())
         return arrays

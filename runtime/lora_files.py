@@ -58,6 +58,10 @@ class LoraFileError(LoraError):
     """A LoRA file cannot be read or placed on this model; names the file and the key."""
 
 
+class LoraUnavailableError(LoraError):
+    """LoRA cannot apply to a component of this folder (no map, a quantized graph, a plan that is not refittable)."""
+
+
 @dataclass(frozen=True)
 class LoraLayer:
     """One module's low-rank update: ``delta = scale * up @ down`` ([out, in(, kh, kw)])."""
@@ -195,15 +199,22 @@ def _check_supported(key: str, where: str) -> None:
 
 
 def parse_layers(tensors: Mapping, metadata: Mapping, where: str, modules: Modules, layers_per_block: int,
-                 peft_config: Optional[Mapping] = None) -> list[LoraLayer]:
+                 peft_config: Optional[Mapping] = None, unavailable: Optional[Mapping] = None) -> list[LoraLayer]:
     """The layers of one file's tensors. ``modules``: each component's module names (from the LoRA maps);
-    ``peft_config``: the adapter_config.json of a PEFT adapter file."""
+    ``peft_config``: the adapter_config.json of a PEFT adapter file; ``unavailable``: {component: why LoRA
+    cannot apply to it} for the components without a usable map."""
+    unavailable = unavailable or {}
     if any(_KOHYA.match(k) for k in tensors):
-        return _kohya_layers(tensors, where, modules, layers_per_block)
+        return _kohya_layers(tensors, where, modules, layers_per_block, unavailable)
     pairs: dict = {}  # (component, module) -> {"down": (key, array), "up": ...}
     for key, value in tensors.items():
         _check_supported(key, where)
         component, module, role = _place_peft(key, modules)
+        named = key.removeprefix("base_model.model.").partition(".")[0]
+        if component is None and PREFIXES.get(named) in unavailable:
+            raise LoraUnavailableError(f"lora: {where}: {key!r}: {unavailable[PREFIXES[named]]}")
+        if component is None and not modules and unavailable:
+            raise LoraUnavailableError(f"lora: {where}: {next(iter(unavailable.values()))}")
         if component is None:
             raise LoraFileError(f"lora: {where}: cannot place key {key!r}: no module {module!r} in this model's UNet "
                                 f"or text encoder (a LoRA for another model, or an unsupported format)")
@@ -248,7 +259,8 @@ def _pair(slot: dict, module: str, where: str) -> tuple:
     return slot["down"], slot["up"]
 
 
-def _kohya_layers(tensors: Mapping, where: str, modules: Modules, layers_per_block: int) -> list[LoraLayer]:
+def _kohya_layers(tensors: Mapping, where: str, modules: Modules, layers_per_block: int,
+                  unavailable: Mapping) -> list[LoraLayer]:
     groups: dict = {}
     for key, value in tensors.items():
         _check_supported(key, where)
@@ -267,6 +279,8 @@ def _kohya_layers(tensors: Mapping, where: str, modules: Modules, layers_per_blo
         diffusers = sgm_to_diffusers(name, layers_per_block) if component == "unet" else name
         module = tables.get(component, {}).get(diffusers)
         key = parts.get("lora_down.weight", next(iter(parts.values())))[0]
+        if component in unavailable:
+            raise LoraUnavailableError(f"lora: {where}: {key!r}: {unavailable[component]}")
         if module is None:
             raise LoraFileError(f"lora: {where}: cannot place key {key!r}: this model's {component} has no module "
                                 f"{diffusers.replace('_', '.')!r} (a LoRA for another model?)")
@@ -336,5 +350,5 @@ def read_peft_config(path: Optional[Path]) -> Optional[dict]:
 
 ReadFile = Callable[[Path], tuple]
 
-__all__ = ["DIFFUSERS_WEIGHT_NAME", "LoraError", "LoraFileError", "LoraLayer", "PEFT_WEIGHT_NAME", "check_values", "parse_layers",
-           "read_peft_config", "read_safetensors", "sgm_to_diffusers", "weight_files"]
+__all__ = ["DIFFUSERS_WEIGHT_NAME", "LoraError", "LoraFileError", "LoraLayer", "LoraUnavailableError", "PEFT_WEIGHT_NAME",
+           "check_values", "parse_layers", "read_peft_config", "read_safetensors", "sgm_to_diffusers", "weight_files"]

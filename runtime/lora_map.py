@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from .lora_files import LoraError
+from .lora_files import LoraUnavailableError
 from .manifest import ManifestError, contained, read_json_object
 
 logger = logging.getLogger(__name__)
@@ -27,10 +27,6 @@ MAP_FORMAT = "kolors-trt-lora-map"
 MAP_VERSION = 1
 LORA_COMPONENTS = ("unet", "text_encoder")
 _DTYPES = ("float16", "float32")
-
-
-class LoraUnavailableError(LoraError):
-    """LoRA cannot apply to a component of this folder (no map, a quantized graph, a plan that is not refittable)."""
 
 
 @dataclass(frozen=True)

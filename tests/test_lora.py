@@ -20,6 +20,7 @@ from PIL import Image
 
 from kolors_trt.runtime.lora import LoraError
 from kolors_trt.runtime.pipeline import GenerationRequest, Pipeline
+from kolors_trt.runtime.spec import DimRange, Profile
 
 _spec = importlib.util.spec_from_file_location("lora_support", Path(__file__).with_name("lora_support.py"))
 support = importlib.util.module_from_spec(_spec)
@@ -275,3 +276,40 @@ def test_cli_generate_with_loras(onnx_fp32, loras, reference, tmp_path, capsys):
     assert main(args + ["--lora", str(tmp_path / "style.bin")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "only .safetensors files are read" in err[0]
+
+
+STANDIN_PROFILE = Profile(DimRange(1, 1, 2), DimRange(64, 64, 128), DimRange(64, 96, 128))
+
+
+def test_tensorrt_refit_on_the_standin(pipe, loras, standin_engines, trt_pipeline):
+    """The TensorRT backend's refit path (TrtEngine.use_weights: trt.Refitter set_named_weights + refit_cuda_engine)
+    on the TensorRT stand-in, with the LoRA map and base weights the build writes into a --refit engine folder:
+    the ONNX Runtime image for every set, and none -> a -> c -> a -> none gives the first bits again."""
+    trt = trt_pipeline(standin_engines(STANDIN_PROFILE, refit=True))
+    for name in ("a", "c"):
+        trt.load_lora_weights(loras[name], adapter_name=name)
+    order = [("none", {}), ("a", {"a": 0.8}), ("c", {"c": 0.7}), ("a", {"a": 0.8}), ("none", {})]
+    first: dict = {}
+    for label, chosen in order:
+        got = generate(trt, chosen)
+        if label in first:
+            assert np.array_equal(got, first[label]), label
+        else:
+            first[label] = got
+            assert level_diff(got, generate(pipe, chosen)) <= 1, label
+    # UNet: each change; text encoder: into c only (the base embeddings are cached, so it never runs base again)
+    assert trt.stats()["lora"]["swaps"] == 4 + 1
+    assert level_diff(first["a"], first["none"]) > 30
+
+
+def test_tensorrt_plans_not_built_refittable_refuse_lora(loras, standin_engines, trt_pipeline):
+    from kolors_trt.runtime.engine import WeightSwapError
+
+    trt = trt_pipeline(standin_engines(STANDIN_PROFILE, refit=False))
+    with pytest.raises(LoraError, match="no LoRA map for its unet"):
+        trt.load_lora_weights(loras["a"], adapter_name="a")
+    base = generate(trt, {})
+    engine = trt.engines["unet"]
+    with pytest.raises(WeightSwapError, match="rebuild the engines with kolors-trt build --refit"):
+        engine.use_weights(("x",), lambda restore: {})
+    assert engine.weights_key is None and np.array_equal(generate(trt, {}), base)

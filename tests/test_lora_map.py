@@ -97,3 +97,33 @@ def test_a_changed_map_is_refused_at_load(onnx_fp32, tmp_path):
     path.write_text(json.dumps(m))
     with pytest.raises(StaleArtifactError, match="unet.lora.json"):
         read_folder(folder)
+
+
+def test_engine_folder_lora_files_are_verified(standin_engines, onnx_fp32, tmp_path):
+    """A --refit engine folder carries each LoRA component's map and base weights with their sha256 (written by
+    engines/lora.py); the base values are the export's, and a changed file is refused by both readers."""
+    from kolors_trt.engines.manifest import EngineFolderError, verify_engine_folder
+    from kolors_trt.runtime.artifacts import read_engine_manifest
+    from kolors_trt.runtime.lora import LoraManager
+    from kolors_trt.runtime.spec import DimRange, Profile
+
+    built = standin_engines(Profile(DimRange(1, 1, 2), DimRange(64, 64, 128), DimRange(64, 96, 128)), refit=True)
+    folder = tmp_path / "engines"
+    shutil.copytree(built, folder)
+    manifest = read_engine_manifest(folder)
+    assert {n for n, e in manifest["engines"].items() if "lora_map" in e} == {"unet", "text_encoder"}
+    maps = LoraManager(read_folder(folder), engines={}).maps
+    exported = LoraManager(read_folder(onnx_fp32), engines={}).maps
+    for component, m in maps.items():
+        assert m.supported and all(t.file.name == f"{component}.lora.bin" for t in m.targets.values())
+        assert set(m.targets) == set(exported[component].targets)
+        for module, t in m.targets.items():
+            np.testing.assert_array_equal(t.base(), exported[component].targets[module].base())
+    bin_file = folder / manifest["engines"]["unet"]["lora_base"]
+    data = bytearray(bin_file.read_bytes())
+    data[-1] ^= 0xFF
+    bin_file.write_bytes(bytes(data))
+    with pytest.raises(StaleArtifactError, match="unet.lora.bin"):
+        read_folder(folder)
+    with pytest.raises(EngineFolderError, match="unet: LoRA file unet.lora.bin is missing or differs"):
+        verify_engine_folder(folder)  # (it also reports the stand-in's plans, which lack TensorRT's header)
