@@ -1,7 +1,7 @@
 """The export's LoRA maps against the torch modules they were made from: every LoRA-able weight of the
-UNet and ChatGLM is found, in the right initializer, layout and bytes, at both precisions (every export, the
-alt preset's included, fails if its map is incomplete); a weight shared by two modules or changed by the graph cleanup fails the export; a map
-that differs from its manifest hash is refused at load."""
+UNet and ChatGLM is found, in the right initializer, layout and bytes, at both precisions (every export,
+the alt preset's included, fails if its map is incomplete); a weight shared by two modules or changed by
+the graph cleanup fails the export; a map that differs from its manifest hash is refused at load."""
 
 from __future__ import annotations
 
