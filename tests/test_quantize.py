@@ -114,7 +114,7 @@ def test_lora_on_a_quantized_unet_is_refused_with_the_maps_reason(quantized, tmp
     from kolors_trt.runtime.lora import LoraError
     from kolors_trt.runtime.pipeline import Pipeline
 
-    folder = quantized["int8"]
+    folder = quantized("int8")
     unet_map = json.loads((folder / "unet.lora.json").read_text())
     assert unet_map["supported"] is False and "int8" in unet_map["reason"]
     assert json.loads((folder / "text_encoder.lora.json").read_text())["supported"] is True
