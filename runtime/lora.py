@@ -293,6 +293,29 @@ class LoraManager:
         return arrays
 
 
+class LoraLoaderMixin:
+    """diffusers' LoRA methods on a Pipeline (whose state is ``self.lora``, a LoraManager)."""
+
+    lora: LoraManager
+
+    def load_lora_weights(self, path_or_dir: str | Path, weight_name: Optional[str] = None,
+                          adapter_name: Optional[str] = None) -> str:
+        """Load a LoRA (.safetensors: diffusers / PEFT / kohya) and make it the default set at weight 1, as diffusers
+        does; returns its name (default ``default_<n>``). Raises LoraError and changes nothing on a bad file."""
+        return self.lora.load(path_or_dir, weight_name, adapter_name)
+
+    def unload_lora_weights(self, adapter_name: Optional[str] = None) -> None:
+        """Forget one adapter, or every adapter (None)."""
+        self.lora.unload(adapter_name)
+
+    def set_adapters(self, adapter_names: str | Sequence[str], adapter_weights=None) -> None:
+        """The adapters (weights default 1.0) of requests that pass no ``loras``; [] for none."""
+        self.lora.set_adapters(adapter_names, adapter_weights)
+
+    def get_active_adapters(self) -> list[str]:
+        return list(self.lora.names(self.lora.default))
+
+
 def fuse(base: np.ndarray, target, layers: Sequence[tuple]) -> np.ndarray:
     """``base`` (as stored: dtype, layout, scale of ``target``) + sum(weight * scale * up @ down) over ``layers``
     ((LoraLayer, weight), in order), computed in float32 and cast back to the stored dtype. A transposed target
@@ -311,5 +334,5 @@ def _graph_sha(folder: ModelFolder, component: str) -> Optional[str]:
     return entry.get("sha256") if folder.kind == "onnx" else entry.get("onnx_sha256")
 
 
-__all__ = ["Adapter", "DEFAULT_MAX_FILE_BYTES", "LoraError", "LoraManager", "LoraSet", "LoraUnavailableError",
+__all__ = ["Adapter", "DEFAULT_MAX_FILE_BYTES", "LoraError", "LoraLoaderMixin", "LoraManager", "LoraSet", "LoraUnavailableError",
            "check_layer", "fuse"]

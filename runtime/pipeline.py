@@ -41,11 +41,10 @@ for NaN/Inf on their own (the loops leave that check to the pipeline), so one
 request's overflow, or a prompt the tokenizer refuses, fails that request
 (``Generation.error``) and not its batch.
 
-LoRA. ``load_lora_weights``, ``unload_lora_weights`` and ``set_adapters`` take diffusers'
-names and meanings; a request's ``loras`` ({adapter: weight}; None: the ``set_adapters``
-set) chooses the adapters it runs with, per request, without a rebuild. The state lives
-in ``self.lora`` (lora.py): requests with the same UNet adapters share a UNet batch, the
-set already applied runs first, and prompt embeddings are cached per text-encoder set.
+LoRA (lora.py). ``load_lora_weights``, ``unload_lora_weights`` and ``set_adapters`` as in
+diffusers; a request's ``loras`` ({adapter: weight}; None: the ``set_adapters`` set) picks
+its adapters without a rebuild. Batches are also keyed by the UNet's adapter set (the set
+applied first), prompt embeddings are cached per text-encoder set.
 
 Threads. A Pipeline may be called from several threads: the engine work of each
 call (encoders, denoising, VAE) runs under one lock, because the engines share one
@@ -70,7 +69,7 @@ from .backends import open_backend
 from .cache import DEFAULT_IP_ITEMS, DEFAULT_PROMPT_ITEMS, ArrayCache, LRUCache, content_key, read_only
 from .engine import Backend, DenoiseBatch
 from .folder import Limits, ModelFolder, read_folder, resolve_backend
-from .lora import LoraManager
+from .lora import LoraLoaderMixin, LoraManager
 from .errors import InputError
 from .noise import request_noise
 from .postprocess import NonFiniteError, non_finite_rows
@@ -84,7 +83,7 @@ from .request import (
     RequestChecker,
     RequestStepCallback,
 )
-from .rows import LiveRows, chunks
+from .rows import LiveRows, chunks, generations
 from .samplers import SamplerTables, Samplers
 from .scheduler import SchedulerConfig
 from .tokenizer import ChatGLMTokenizer
@@ -92,7 +91,7 @@ from .tokenizer import ChatGLMTokenizer
 logger = logging.getLogger(__name__)
 
 
-class Pipeline:
+class Pipeline(LoraLoaderMixin):
     """Kolors + IP-Adapter-Plus on one model folder. Build it with ``Pipeline.load``.
 
     Thread-safe: calls from several threads are serialised around the engines (one stream, one set of
@@ -163,25 +162,6 @@ class Pipeline:
                               max_bytes=cache_max_bytes)
         logger.info("loaded %s (%s) on %s", model.root, model.kind, runner.name)
         return cls(model, runner, tokenizer, scheduler_config, clip, ip_cache, prompt_cache_items, lora_dir)
-
-    # ---- LoRA (diffusers' names; the state lives in self.lora) --------------------------------
-
-    def load_lora_weights(self, path_or_dir: str | Path, weight_name: Optional[str] = None,
-                          adapter_name: Optional[str] = None) -> str:
-        """Load a LoRA (.safetensors: diffusers / PEFT / kohya) and make it the default set at weight 1, as diffusers
-        does; returns its name (default ``default_<n>``). Raises LoraError and changes nothing on a bad file."""
-        return self.lora.load(path_or_dir, weight_name, adapter_name)
-
-    def unload_lora_weights(self, adapter_name: Optional[str] = None) -> None:
-        """Forget one adapter, or every adapter (None)."""
-        self.lora.unload(adapter_name)
-
-    def set_adapters(self, adapter_names: str | Sequence[str], adapter_weights=None) -> None:
-        """The adapters (weights default 1.0) of requests that pass no ``loras``; [] for none."""
-        self.lora.set_adapters(adapter_names, adapter_weights)
-
-    def get_active_adapters(self) -> list[str]:
-        return list(self.lora.names(self.lora.default))
 
     # ---- encoders ----------------------------------------------------------------------------
 
@@ -414,17 +394,7 @@ class Pipeline:
                 start += job.n
                 images[job.index] = (final[where[job.index]], None if decoded is None else decoded[part])
             failed.update(non_finite_rows("vae_decoder", "image", {i: d for i, (_, d) in images.items() if d is not None}))
-        results = []
-        for job in chunk:
-            parameters = job.parameters(self.backend, self.folder.root)
-            if job.index in failed:
-                results.append(Generation(None, None, parameters, error=failed[job.index]))
-                continue
-            if job.index not in images:
-                results.append(Generation(None, None, parameters, cancelled=True))
-                continue
-            results.append(Generation.of(job.output_type, *images[job.index], parameters))
-        return results
+        return generations(chunk, images, failed, self.backend, self.folder.root)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Final latents -> VAE output float32 [B, 3, H, W] in about [-1, 1]."""

@@ -1,7 +1,7 @@
 """The rows of batched generation: which requests share a denoising loop (``chunks``: the same key
 and UNet LoRA set), and in one loop which request owns each image row, which rows are still in it,
 and the loop's ``on_step`` callback that reports progress and drops cancelled requests' rows
-(``LiveRows``).
+(``LiveRows``); at the end, each request's Generation (``generations``).
 
 Rows are in request order, ``num_images_per_prompt`` rows per request. A cancelled
 request's rows leave the batch between steps (the backend pads a step's UNet batch
@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Callable, Hashable, Optional, Sequence
 
-from .request import CheckedRequest, RequestStepCallback
+from .request import CheckedRequest, Generation, RequestStepCallback
 
 
 def chunks(jobs: Sequence[CheckedRequest], most: Callable[[CheckedRequest], int],
@@ -38,6 +38,21 @@ def chunks(jobs: Sequence[CheckedRequest], most: Callable[[CheckedRequest], int]
             images += job.n
         out.append(chunk)
     return out
+
+
+def generations(chunk: Sequence[CheckedRequest], images: dict, failed: dict, backend: str, model) -> list[Generation]:
+    """One Generation per request of a finished loop: its error (``failed``: index -> error), its (latents, VAE
+    output) from ``images``, or cancelled (in neither)."""
+    results = []
+    for job in chunk:
+        parameters = job.parameters(backend, model)
+        if job.index in failed:
+            results.append(Generation(None, None, parameters, error=failed[job.index]))
+        elif job.index not in images:
+            results.append(Generation(None, None, parameters, cancelled=True))
+        else:
+            results.append(Generation.of(job.output_type, *images[job.index], parameters))
+    return results
 
 
 class LiveRows:
@@ -86,4 +101,4 @@ class LiveRows:
         return keep
 
 
-__all__ = ["LiveRows", "chunks"]
+__all__ = ["LiveRows", "chunks", "generations"]
