@@ -25,6 +25,10 @@ from kolors_trt.runtime.spec import DimRange, Profile
 _spec = importlib.util.spec_from_file_location("lora_support", Path(__file__).with_name("lora_support.py"))
 support = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(support)
+# test_samplers' diffusers helpers: a scheduler swapped in as a diffusers user does, its dynamic-CFG callback
+_spec = importlib.util.spec_from_file_location("sampler_checks", Path(__file__).with_name("test_samplers.py"))
+sampler_checks = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sampler_checks)
 
 pytestmark = pytest.mark.slow
 
@@ -71,9 +75,10 @@ def loras(tiny, store, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny, loras):
-    """diffusers' uint8 images: {"base", "a", "a+b", "a_kohya", "a_sgm", "c"}."""
-    import torch
+def lora_reference(tiny):
+    """diffusers' KolorsPipeline + load_ip_adapter; ``reference`` loads the adapters into it. A pipeline of this
+    module's own: unload_lora_weights does not give the session's shared reference its bits back (measured: its
+    base image changed after loading and unloading these adapters)."""
     from diffusers import KolorsPipeline
     from transformers import CLIPVisionModelWithProjection
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -84,6 +89,16 @@ def reference(tiny, loras):
         feature_extractor=CLIPImageProcessorPil.from_pretrained(ip / "image_encoder"))
     pipe.load_ip_adapter(str(ip), subfolder="", weight_name="ip_adapter_plus_general.bin", image_encoder_folder=None)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def reference(lora_reference, loras):
+    """diffusers' uint8 images: {"base", "a", "a+b", "a_kohya", "a_sgm", "c"}; afterwards ``lora_reference`` holds
+    adapters a, b, c, a_kohya and a_sgm."""
+    import torch
+
+    pipe = lora_reference
     pipe.set_ip_adapter_scale(CASE["ip_adapter_scale"])
 
     def run():
@@ -101,7 +116,6 @@ def reference(tiny, loras):
                                   ("a_sgm", ["a_sgm"], [0.8]), ("c", ["c"], [0.7])):
         pipe.set_adapters(names, weights)
         images[label] = run()
-    pipe.unload_lora_weights()
     return images
 
 
@@ -191,6 +205,34 @@ def test_batch_mixing_adapter_sets_equals_solo_results(pipe):
         assert got.parameters == want.parameters and got.parameters["loras"] == r.loras
         assert np.abs(got.latents - want.latents).max() <= 1e-5 * np.abs(want.latents).max()
         assert level_diff(np.asarray(got.images[0]), np.asarray(want.images[0])) <= 1
+
+
+def test_lora_with_a_sampler_and_guidance_interval_equals_diffusers(pipe, lora_reference, reference, monkeypatch):
+    """a (0.8) + c (0.7: UNet and ChatGLM, the negative prompt through the adapted encoder) with dpmpp_2m_karras and
+    guidance on the first 2 of 5 steps (the interval (sigma_2, sigma_0]) equals diffusers' load_lora_weights +
+    set_adapters with the same scheduler and its documented dynamic-CFG callback; batched with another adapter set
+    under the same sampler and interval, each request gives its solo result."""
+    checks, name, steps, until = sampler_checks, "dpmpp_2m_karras", 5, 2
+    case = dict(checks.ONE_IMAGE, image=reference_image(), num_inference_steps=steps)
+    s = checks.sigmas(pipe, name, steps)
+    interval = (s[until], s[0])
+    requests = [checks.request(case, scheduler=name, guidance_interval=interval, loras=chosen)
+                for chosen in ({"a": 0.8, "c": 0.7}, {"b": 0.5})]
+    solo = [pipe.generate_batch([r])[0] for r in requests]
+    lora_reference.set_adapters(["a", "c"], [0.8, 0.7])
+    keep, call = checks.dynamic_cfg(lora_reference, until)
+    monkeypatch.setattr(lora_reference, "prepare_ip_adapter_image_embeds", keep)
+    want = checks.reference(lora_reference, case, name, **call)
+    checks.assert_equal_images(solo[0], *want, f"a + c, {name}, guidance on {until} of {steps} steps")
+    assert solo[0].parameters["scheduler"] == name and solo[0].parameters["guidance_interval"] == list(interval)
+    base = pipe.generate_batch([checks.request(case, scheduler=name, guidance_interval=interval)])[0]
+    assert level_diff(np.asarray(solo[0].images[0]), np.asarray(base.images[0])) > 30
+    runs = pipe.stats()["engine_runs"]["unet"]
+    batched = pipe.generate_batch(requests)
+    assert pipe.stats()["engine_runs"]["unet"] - runs == 2 * steps  # one loop per UNet set
+    for got, want_solo in zip(batched, solo):
+        assert got.parameters == want_solo.parameters
+        assert np.abs(got.latents - want_solo.latents).max() <= 1e-5 * np.abs(want_solo.latents).max()
 
 
 def test_lora_of_another_model_is_refused_and_nothing_changes(pipe, loras):
@@ -300,6 +342,12 @@ def test_tensorrt_refit_on_the_standin(pipe, loras, standin_engines, trt_pipelin
     # UNet: each change; text encoder: into c only (the base embeddings are cached, so it never runs base again)
     assert trt.stats()["lora"]["swaps"] == 4 + 1
     assert level_diff(first["a"], first["none"]) > 30
+    # the device loop (trt_loop.py) with another sampler and a guidance interval on the refitted UNet
+    s = pipe.samplers.tables("dpmpp_2m_karras", CASE["steps"]).sigmas
+    extra = dict(scheduler="dpmpp_2m_karras", guidance_interval=(float(s[1]), float(s[0])))
+    got = generate(trt, {"a": 0.8, "c": 0.7}, **extra)
+    assert level_diff(got, generate(pipe, {"a": 0.8, "c": 0.7}, **extra)) <= 1
+    assert level_diff(got, generate(trt, {}, **extra)) > 30
 
 
 def test_tensorrt_plans_not_built_refittable_refuse_lora(loras, standin_engines, trt_pipeline):
