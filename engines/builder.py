@@ -20,6 +20,8 @@ from __future__ import annotations
 import datetime
 import hashlib
 import logging
+import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -33,14 +35,17 @@ from kolors_trt.runtime.artifacts import (
     ExportFolderError,
     copy_assets,
     export_assets,
+    lora_file_hashes,
     read_engine_manifest,
     read_export_folder,
 )
+from kolors_trt.runtime.lora_map import LORA_COMPONENTS
 from kolors_trt.runtime.manifest import (
     ManifestError,
     atomic_path,
     clean_leftovers,
     deferred_interrupts,
+    temp_path,
     write_bytes_atomic,
     write_json_atomic,
 )
@@ -51,6 +56,7 @@ from .errors import EngineBuildError, TimingCacheError
 from .interrupt import progress_monitor, run_cancellable
 from kolors_trt.runtime.artifacts import MANIFEST
 
+from .lora import refittable_weights, write_lora_files
 from .manifest import cache_key, damaged_plans, new_engine_manifest, profile_json
 from .network import check_network, parse_onnx
 from .precision import plan_targets
@@ -66,6 +72,7 @@ from .targets import (
 log = logging.getLogger(__name__)
 
 BUILT, UP_TO_DATE = "built", "up-to-date"
+BUILT_FILES = (".plan", ".lora.bin", ".lora.json")  # the files a build writes and may remove again
 
 
 @dataclass(frozen=True)
@@ -85,7 +92,7 @@ class _Options:
 
     opt_level: Optional[int]
     workspace_gib: Optional[float]
-    refit: bool
+    refit: bool  # the LoRA map's weights refittable (engines/lora.py)
     tf32: bool
     compute_capabilities: tuple
 
@@ -93,7 +100,7 @@ class _Options:
         return {
             "opt_level": self.opt_level,
             "workspace_gib": self.workspace_gib,
-            "refit": self.refit,
+            "refit": "lora-map" if self.refit else False,
             "tf32": self.tf32,
             "compute_capabilities": list(self.compute_capabilities),
         }
@@ -108,7 +115,7 @@ def build_engines(
     opt_level: Optional[int] = None,
     timing_cache: Optional[Path] = None,
     workspace_gib: Optional[float] = None,
-    refit_unet: bool = False,
+    refit: bool = False,
     force: bool = False,
     compute_capabilities: Optional[Sequence[str]] = None,
     drop_unsupported_targets: bool = False,
@@ -118,7 +125,8 @@ def build_engines(
     target: "tensorrt" | "tensorrt-rtx" | None (TensorRT with a GPU, else TensorRT-RTX).
     opt_level / workspace_gib: None keeps the builder's default.
     timing_cache: file read before and written after each build (TensorRT only).
-    refit_unet: make the UNet plan refittable (weight swaps, e.g. LoRA).
+    refit: make the UNet and text encoder plans refittable for LoRA: the weights their LoRA maps name are marked
+    refittable, and their base values and the map are written beside the plan (engines/lora.py).
     force: rebuild every engine, and replace a malformed engine manifest in ``out_dir``.
     compute_capabilities: TensorRT-RTX AOT targets like ("SM86", "SM89"); None = its portable default.
     drop_unsupported_targets: build an engine whose precision a requested compute capability cannot
@@ -132,7 +140,8 @@ def build_engines(
     tgt = get_target(target or default_target_name())
     trt = tgt.load()
     tgt.check_host()
-    if refit_unet and "unet" in components:
+    lora_components = [c for c in components if c in LORA_COMPONENTS] if refit else []
+    if lora_components:
         tgt.check_refit()
     export = read_export_folder(Path(onnx_dir))
     missing = [c for c in components if c not in export.components]
@@ -141,6 +150,8 @@ def build_engines(
             f"engines: {export.root / MANIFEST} has no {missing} (it has {sorted(export.components)}); "
             "export them first or pass --components"
         )
+    for name in lora_components:  # no map, or a quantized UNet: refused before anything is built
+        refittable_weights(export.components[name])
     specs = engine_specs(export.model_dims, profile)
     # Per component, checked before any build: an FP8 plan serves compute capability 8.9+ only.
     targets = {name: _plan_targets(tgt, name, export.components[name].precision, compute_capabilities,
@@ -170,7 +181,7 @@ def build_engines(
             # cleared, so fp16 graphs keep their fp32 islands exact and a component exported
             # at fp32 for accuracy gets fp32 math.
             tf32 = name == "vae_decoder" and comp.precision == "fp32"
-            opts = _Options(opt_level, workspace_gib, refit_unet and name == "unet", tf32, ccs)
+            opts = _Options(opt_level, workspace_gib, name in lora_components, tf32, ccs)
             job = _Job(trt, tgt, builder, logger, config, cancel)
             results.append(_build_one(job, comp, specs[name], folder, opts, timing_cache, force))
     folder.commit()
@@ -240,7 +251,16 @@ def _build_one(job: _Job, comp: ExportComponent, spec: EngineSpec, folder: "_Eng
         "plan_sha256": hashlib.sha256(memoryview(serialized)).hexdigest(),
         "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    folder.commit(name, serialized, entry)
+    if opts.refit:  # the LoRA map and base weights, staged under a leftover name and committed with the plan
+        stage = temp_path(folder.out / name, suffix="")
+        stage.mkdir()
+        try:
+            entry.update(write_lora_files(comp, stage))
+            folder.commit(name, serialized, entry, stage)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    else:
+        folder.commit(name, serialized, entry)
     log.info("%s: built %s (%.1f MB) in %.1f s", name, plan, entry["plan_bytes"] / 1e6, seconds)
     return _result(name, BUILT, plan, spec, entry)
 
@@ -251,6 +271,8 @@ def _serialize(job: _Job, comp: ExportComponent, spec: EngineSpec, opts: _Option
     network, parser = parse_onnx(trt, job.builder, tgt.network_flags(trt), comp.onnx, job.logger)
     check_network(trt, network, spec, comp.onnx)
     _configure(trt, tgt, job.builder, job.config, network, spec, opts, timing_cache)
+    if opts.refit:
+        _mark_refittable(trt, job.config, network, refittable_weights(comp), comp)
     log.info("%s: building %s plan with %s %s", comp.name, comp.precision, tgt.module, trt.__version__)
     serialized = job.builder.build_serialized_network(network, job.config)
     if serialized is None:
@@ -295,6 +317,20 @@ def _configure(trt: ModuleType, tgt: Target, builder, config, network, spec: Eng
         )
 
 
+def _mark_refittable(trt: ModuleType, config, network, names: list, comp: ExportComponent) -> None:
+    """Only the LoRA map's weights refittable (REFIT_INDIVIDUAL): the other layers keep their fusions. Builders
+    without that flag (TensorRT < 10) make every weight refittable (REFIT)."""
+    individual = getattr(trt.BuilderFlag, "REFIT_INDIVIDUAL", None)
+    if individual is None:
+        config.set_flag(trt.BuilderFlag.REFIT)
+        return
+    config.set_flag(individual)
+    refused = [name for name in names if not network.mark_weights_refittable(name)]
+    if refused:
+        raise EngineBuildError(f"engines: {comp.onnx}: the network has no weights named {refused[:5]} (of "
+                               f"{len(names)} in its LoRA map); the map and the graph disagree: re-export")
+
+
 def _result(name: str, status: str, plan: Path, spec: EngineSpec, entry: dict) -> BuildResult:
     # The profile from the spec keeps its input order (the manifest's JSON is key-sorted).
     return BuildResult(name, status, plan, entry["precision"], profile_json(spec), entry["plan_bytes"], entry["build_seconds"])
@@ -334,27 +370,33 @@ class _EngineFolder:
                 self.manifest["engines"][name] = entry
             else:
                 log.warning("%s: dropping %s, built for another profile, model or builder", name, out / entry["file"])
-                self.stale.add(entry["file"])
+                self.stale.update([entry["file"], *lora_file_hashes(entry)])
         self.damaged = damaged_plans(out, self.manifest)  # kept entries whose plan no longer matches
         self.committed = False
 
-    def commit(self, name: Optional[str] = None, plan=None, entry: Optional[dict] = None) -> None:
-        """Make one new complete state: the plan of ``name`` (if given) and the manifest."""
+    def commit(self, name: Optional[str] = None, plan=None, entry: Optional[dict] = None,
+               lora_stage: Optional[Path] = None) -> None:
+        """Make one new complete state: the plan of ``name`` (if given), its LoRA files staged in ``lora_stage``,
+        and the manifest."""
         if name is None and self.committed:
             return
         with deferred_interrupts():
             if not self.committed:
                 self.manifest["assets"] = copy_assets(self.assets, self.out)
             if name is not None:
+                old = self.manifest["engines"].get(name)
+                self.stale.update(lora_file_hashes(old) if old else ())  # kept only if the new entry names them
+                for rel in lora_file_hashes(entry) if lora_stage is not None else ():
+                    os.replace(lora_stage / rel, self.out / rel)
                 with atomic_path(self.out / entry["file"]) as tmp:
                     with open(tmp, "wb") as f:
                         f.write(plan)
                 self.manifest["engines"][name] = entry
                 self.damaged.pop(name, None)
             write_json_atomic(self.out / MANIFEST, self.manifest)
-            named = {e["file"] for e in self.manifest["engines"].values()}
+            named = {rel for e in self.manifest["engines"].values() for rel in (e["file"], *lora_file_hashes(e))}
             for rel in sorted(self.stale - named):
-                if rel.endswith(".plan"):  # only plans; the path was checked to stay inside the folder
+                if rel.endswith(BUILT_FILES):  # only what builds write; the path was checked to stay inside
                     (self.out / rel).unlink(missing_ok=True)
             self.stale.clear()
             self.committed = True

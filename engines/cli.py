@@ -39,7 +39,9 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--opt-level", type=int, default=None, choices=range(6), metavar="0-5", help="builder optimisation level (default: the builder's, 3)")
     p.add_argument("--timing-cache", type=Path, default=None, help="timing cache file, read and updated (tensorrt only)")
     p.add_argument("--workspace-gib", type=float, default=None, help="builder workspace limit in GiB (default: the builder's)")
-    p.add_argument("--refit", action="store_true", help="make the UNet plan refittable (weight swaps)")
+    p.add_argument("--refit", action="store_true",
+                   help="make the UNet and text encoder plans refittable for LoRA (their LoRA maps' weights; the base "
+                        "values are written beside them, about their size again)")
     p.add_argument(
         "--compute-capability",
         action="append",
@@ -119,7 +121,7 @@ def run_build(args: argparse.Namespace) -> int:
         opt_level=args.opt_level,
         timing_cache=args.timing_cache,
         workspace_gib=args.workspace_gib,
-        refit_unet=args.refit,
+        refit=args.refit,
         force=args.force,
         compute_capabilities=args.compute_capability,
         drop_unsupported_targets=args.drop_unsupported_targets,

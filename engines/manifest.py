@@ -34,6 +34,7 @@ from kolors_trt.runtime.artifacts import (
     MANIFEST,
     EngineFolderError,
     engine_specs_of,
+    lora_file_hashes,
     missing_asset_dirs,
     read_engine_manifest,
     spec_mismatches,
@@ -65,8 +66,15 @@ def new_engine_manifest(target: str, model_dims: ModelDims, profile, runtime: Ma
 
 
 def plan_problems(folder: Path, name: str, entry: Mapping) -> list[str]:
-    """What is wrong with one engine's plan file against its (checked) manifest entry: cheap
-    checks first, the sha256 only when size and header agree."""
+    """What is wrong with one engine's plan file (and its LoRA files) against its (checked) manifest entry:
+    cheap checks first, the sha256 only when size and header agree."""
+    lora = [f"{name}: LoRA file {rel} is missing or differs from its sha256 in the manifest"
+            for rel, want in lora_file_hashes(entry).items()
+            if not (Path(folder) / rel).is_file() or sha256_file(Path(folder) / rel) != want]
+    return lora + _plan_file_problems(folder, name, entry)
+
+
+def _plan_file_problems(folder: Path, name: str, entry: Mapping) -> list[str]:
     plan = Path(folder) / entry["file"]
     if not plan.is_file():
         return [f"{name}: plan {entry['file']} is missing"]
@@ -94,8 +102,9 @@ def damaged_plans(folder: Path, m: Mapping) -> dict:
     lets it hash only plans changed since the last check; the entry-by-entry check runs only
     when something differs."""
     engines = m["engines"]
+    files = {rel: sha for e in engines.values() for rel, sha in {e["file"]: e["plan_sha256"], **lora_file_hashes(e)}.items()}
     try:
-        verify_files(folder, {e["file"]: e["plan_sha256"] for e in engines.values()}, Path(folder) / MANIFEST)
+        verify_files(folder, files, Path(folder) / MANIFEST)
         return {}
     except StaleFileError:
         return {name: "; ".join(found) for name, e in engines.items() if (found := plan_problems(folder, name, e))}

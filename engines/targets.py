@@ -81,11 +81,13 @@ class Target:
 
         TensorRT-RTX documents REFIT for AOT builds, but tensorrt_rtx 1.7 on a
         CPU-only host fails inside the build (Myelin "CHECK(status == CUDA_SUCCESS)"),
-        so refuse early with a clear message instead."""
+        with REFIT and with REFIT_INDIVIDUAL alike (1.7.1, a one-MatMul graph), so
+        refuse early with a clear message instead."""
         if self.aot_on_cpu and not gpu_available():
             raise NoGpuError(
-                f"engines: a refittable UNet (--refit) with target {self.name!r} needs a GPU at build time "
-                "(the CPU-only AOT build of a REFIT plan fails in tensorrt_rtx 1.7); build on a GPU host or drop --refit"
+                f"engines: refittable UNet and text encoder plans (--refit, for LoRA) with target {self.name!r} need a "
+                "GPU at build time (the CPU-only AOT build of a refittable plan fails in tensorrt_rtx 1.7); build on a "
+                "GPU host or drop --refit"
             )
 
     def network_flags(self, trt: ModuleType) -> int:

@@ -4,6 +4,7 @@
     out/tokenizer/         tokenizer.model (+ tokenizer_config.json)
     out/scheduler/         scheduler_config.json
     out/image_processor/   preprocessor_config.json
+    out/unet.lora.json text_encoder.lora.json   where each weight a LoRA can change lives (lora_map.py)
     out/manifest.json      model dims, per-component precision, hashes, parity, runtime constants,
                            the checkpoint's fingerprint, asset hashes
 
@@ -30,6 +31,7 @@ from kolors_trt.runtime.preprocess import CLIP_MEAN, CLIP_STD
 
 from . import checkpoint as ck
 from . import folder as F
+from . import lora_map as LM
 from .onnx_export import OPSET, export_onnx, sample_inputs
 from .quantize import OPSET_8BIT
 from .validate import Parity, validate
@@ -266,12 +268,15 @@ def export_all(weights: Path, ip_adapter: Path, out: Path, precisions: dict,
                 staged[name] = F.stage_dir(out, name)
                 spec, file = specs[name], staged[name] / f"{name}.onnx"
                 start = time.perf_counter()
-                quantization = None
+                quantization = prints = None
                 if name == "unet" and cal is not None:
                     quantization = _export_quantized(comps, cal, out, staged, entries, old, paths, runtime, fingerprint)
                     parity = _quantized_parity(spec, file, quantization)
                 else:
-                    export_onnx(comps.graph(name, precision), spec, export_dims(comps.dims), file)  # the copy is freed here
+                    graph = comps.graph(name, precision)
+                    prints = LM.fingerprints(graph, name) if _maps_lora(name, precision) else None
+                    export_onnx(graph, spec, export_dims(comps.dims), file)
+                    del graph  # the fp16 copy is freed here
                 seconds = time.perf_counter() - start
                 if quantization is None:
                     values = check_dims(comps.dims)
@@ -279,6 +284,8 @@ def export_all(weights: Path, ip_adapter: Path, out: Path, precisions: dict,
                     parity = validate(spec, precision, file, reference, values, sample_inputs(spec, values, seed=1))
                     del reference
                 comps.release(name)
+                if name in LM.LORA_COMPONENTS:
+                    LM.write_lora_map(staged[name], name, _lora_map(prints, file, name, precision))
                 fields = F.graph_fields(staged[name], name)
                 results.append(ExportResult(name, precision, file.name, fields["bytes"], seconds, peak_rss_mb(), parity))
                 entries[name] = _entry(fields, results[-1], fingerprint)
@@ -294,6 +301,18 @@ def export_all(weights: Path, ip_adapter: Path, out: Path, precisions: dict,
     finally:
         F.remove_stages(staged)
     return results
+
+
+def _maps_lora(name: str, precision: str) -> bool:
+    return name in LM.LORA_COMPONENTS and precision in LM.PLAIN_PRECISIONS
+
+
+def _lora_map(prints, file: Path, name: str, precision: str) -> dict:
+    """The graph's LoRA map (lora_map.py), or one that says why LoRA cannot apply to it."""
+    if prints is None:
+        return LM.unsupported_map(name, precision, file, f"the {name} graph is {precision}: its weights are not "
+                                  "plain fp16/fp32 tensors a LoRA delta can be added to; export it at fp16 or fp32")
+    return LM.build_lora_map(prints, file, name, precision)
 
 
 def _entry(fields: dict, r: ExportResult, fingerprint: str) -> dict:

@@ -2,7 +2,7 @@
 
     out/.unet.kt-tmp-<pid>-<token>/   staging: the traced graph (and its .onnx.data), the
                                        exporter's own temporary files; validated here
-    out/unet.onnx [unet.onnx.data] ... tokenizer/ scheduler/ image_processor/ manifest.json
+    out/unet.onnx [unet.onnx.data] [unet.lora.json] ... tokenizer/ scheduler/ image_processor/ manifest.json
 
 Nothing in the folder changes until every requested graph is exported and validated.
 Then one commit, with SIGINT and SIGTERM held back, moves the staged files into place,
@@ -131,14 +131,18 @@ def stage_dir(out: Path, name: str) -> Path:
 def graph_fields(folder: Path, name: str) -> dict:
     """The file fields of a component entry for ``folder/{name}.onnx`` (and its .onnx.data)."""
     graph, data = Path(folder) / f"{name}.onnx", Path(folder) / f"{name}.onnx.data"
+    lora = Path(folder) / f"{name}.lora.json"
     has_data = data.is_file()
-    return {
+    fields = {
         "file": graph.name,
         "external_data": data.name if has_data else None,
         "sha256": sha256_file(graph),
         "external_data_sha256": sha256_file(data) if has_data else None,
         "bytes": graph.stat().st_size + (data.stat().st_size if has_data else 0),
     }
+    if lora.is_file():  # the UNet's and the text encoder's LoRA map (lora_map.py)
+        fields.update(lora_map=lora.name, lora_map_sha256=sha256_file(lora))
+    return fields
 
 
 def commit(out: Path, staged: Mapping[str, Path], write_manifest: Callable[[], dict]) -> dict:
@@ -147,10 +151,11 @@ def commit(out: Path, staged: Mapping[str, Path], write_manifest: Callable[[], d
     with deferred_interrupts():
         for name, stage in staged.items():
             data = f"{name}.onnx.data"
-            if (stage / data).exists():
-                os.replace(stage / data, out / data)  # the data first: the new graph points at it
-            else:
-                (out / data).unlink(missing_ok=True)  # an older, streamed export's; nothing names it now
+            for extra in (data, f"{name}.lora.json"):  # before the graph: the new graph's entry names them
+                if (stage / extra).exists():
+                    os.replace(stage / extra, out / extra)
+                else:
+                    (out / extra).unlink(missing_ok=True)  # an older export's; nothing names it now
             os.replace(stage / f"{name}.onnx", out / f"{name}.onnx")
         return write_manifest()
 

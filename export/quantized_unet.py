@@ -64,7 +64,7 @@ def calibration_folder(out: Path, comps, graphs: dict, entries: dict, paths, dim
     returns (folder, the fp16 UNet graph's sha256)."""
     folder = F.stage_dir(out, "calibration")
     for name in (*OTHERS, "unet"):
-        for file in (f"{name}.onnx", f"{name}.onnx.data"):
+        for file in (f"{name}.onnx", f"{name}.onnx.data", f"{name}.lora.json"):  # and the map its entry names
             if name in graphs and (Path(graphs[name]) / file).is_file():
                 _link(Path(graphs[name]) / file, folder / file)
     if "unet" not in graphs:

@@ -68,6 +68,7 @@ ASSET_DIRS = ("tokenizer", "scheduler")  # every export folder has them; engine 
 OPTIONAL_ASSET_DIRS = ("image_processor",)
 TOKENIZER_MODEL = "tokenizer/tokenizer.model"
 
+LORA_FILE_FIELDS = ("lora_map", "lora_base")  # optional engine-entry fields, each with a "_sha256" beside it
 # Fields every engine entry has, with their kinds (manifest.field).
 _ENTRY_FIELDS = {"file": "string", "plan_sha256": "sha256", "plan_bytes": "int", "precision": "string",
                  "spec_hash": "string", "cache_key": "string", "builder.name": "string", "builder.version": "string",
@@ -97,6 +98,8 @@ class ExportComponent:
     sha256: str  # of `onnx`, verified against the file
     data_sha256: Optional[str] = None
     entry: dict = field(default_factory=dict, compare=False)  # the manifest entry as written
+    lora_map: Optional[Path] = None  # {component}.lora.json (UNet, text encoder; export/lora_map.py)
+    lora_map_sha256: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,8 @@ def read_export_folder(root: Path, verify: bool = True) -> ExportFolder:
         files[comps[name].onnx.relative_to(root).as_posix()] = comps[name].sha256
         if comps[name].data is not None:
             files[comps[name].data.relative_to(root).as_posix()] = comps[name].data_sha256
+        if comps[name].lora_map is not None:
+            files[comps[name].lora_map.relative_to(root).as_posix()] = comps[name].lora_map_sha256
     assets = asset_hashes(root, m, path)
     for d in ASSET_DIRS:
         contained(root, d, f"{path}: asset folder")
@@ -197,7 +202,11 @@ def _component(root: Path, path: Path, m: Mapping, name: str) -> ExportComponent
     if m["components"][name].get("external_data") is not None:
         data = contained(root, typed(m, f"{key}.external_data", "string", path), f"{path}: {key}.external_data")
         data_sha = typed(m, f"{key}.external_data_sha256", "sha256", path)
-    return ExportComponent(name, onnx, data, precision, sha, data_sha, dict(m["components"][name]))
+    lora = lora_sha = None
+    if m["components"][name].get("lora_map") is not None:
+        lora = contained(root, typed(m, f"{key}.lora_map", "string", path), f"{path}: {key}.lora_map")
+        lora_sha = typed(m, f"{key}.lora_map_sha256", "sha256", path)
+    return ExportComponent(name, onnx, data, precision, sha, data_sha, dict(m["components"][name]), lora, lora_sha)
 
 
 def asset_hashes(root: Path, m: Mapping, path: Path) -> dict:
@@ -281,6 +290,10 @@ def read_engine_manifest(folder: Path) -> Optional[dict]:
         for key, kind in _ENTRY_FIELDS.items():
             typed(m, f"engines.{name}.{key}", kind, path)
         contained(folder, m["engines"][name]["file"], f"{path}: engines.{name}.file")
+        for key in LORA_FILE_FIELDS:  # a refittable plan's LoRA map and base weights (engines/lora.py)
+            if m["engines"][name].get(key) is not None:
+                contained(folder, typed(m, f"engines.{name}.{key}", "string", path), f"{path}: engines.{name}.{key}")
+                typed(m, f"engines.{name}.{key}_sha256", "sha256", path)
     return m
 
 
@@ -340,3 +353,8 @@ def stale_assets(root: Path, assets: Mapping) -> list[str]:
     except StaleFileError as err:
         return [str(err)]
     return []
+
+
+def lora_file_hashes(entry: Mapping) -> dict:
+    """{relative file: sha256} of an engine entry's LoRA files (checked by read_engine_manifest)."""
+    return {entry[key]: entry[f"{key}_sha256"] for key in LORA_FILE_FIELDS if entry.get(key) is not None}

@@ -2,22 +2,40 @@
 
 Imports no torch: a production host that runs export folders needs numpy,
 onnxruntime and PIL only.
+
+LoRA (``use_weights``): ONNX Runtime cannot change an initializer of an open session,
+so a weight set is a session of its own, opened from the same graph with the fused
+initializers handed over by ``SessionOptions.add_initializer`` (ONNX Runtime uses the
+caller's buffers for those). The base session stays open; the ``fused_sessions`` most
+recently used fused sessions are kept (an LRU), so switching back to a recent set costs
+nothing. Memory: each kept session holds its own copy of the component's weights (the
+fp16 UNet 5.2 GB, the fp16 ChatGLM 12.5 GB at Kolors' sizes), so the default keeps 2 per
+component; set ``fused_sessions`` to 0 to keep none (each switch then opens a session).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Callable, Hashable, Mapping, Optional
 
 import numpy as np
 
-from .engine import Backend, DenoiseBatch, Engine, StepCallback, guidance_column, step_rows
+from .engine import Backend, DenoiseBatch, Engine, FusedWeights, StepCallback, guidance_column, step_rows
 from .folder import BackendError, FolderError, ModelFolder
 from .samplers import SamplerTables, sampler_step
 from .spec import COMPONENTS, EngineSpec
 
 logger = logging.getLogger(__name__)
+
+FUSED_SESSIONS = 2  # fused LoRA weight sets kept open per component, besides the base session
+# Two ORT_ENABLE_ALL transformers of the CPU provider build their tensors from the graph's own initializer and
+# ignore add_initializer's value (onnxruntime 1.32, measured: zeroing an overridden weight changes nothing):
+# the NCHWc layout transformer (Conv weights) and the fp16-to-fp32 initializer fusion (fp16 graphs on a CPU).
+# Sessions with replaced initializers run without these two; tests/test_lora.py proves fp32 convs and fp16
+# graphs against diffusers.
+IGNORE_USER_INITIALIZERS = ("NchwcTransformer", "FuseFp16InitializerToFp32NodeTransformer")
 
 
 class OrtEngine(Engine):
@@ -30,14 +48,52 @@ class OrtEngine(Engine):
         available = ort.get_available_providers()
         if providers is None:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # warnings about unused initialisers etc. are not the user's business
-        try:
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-        except Exception as err:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
-            raise BackendError(f"{spec.name}: ONNX Runtime cannot load {path} ({err}); re-run kolors-trt export") from err
+        self.providers = providers
+        self._base = self._open({})  # (session, the buffers it reads)
+        self.session, self._buffers = self._base
+        self._fused: OrderedDict = OrderedDict()  # weights key -> session with those initializers (LRU)
+        self.fused_sessions = FUSED_SESSIONS
         self._check_inputs(path)
         logger.debug("%s: %s on %s", spec.name, path.name, self.session.get_providers())
+
+    def _open(self, initializers: Mapping[str, np.ndarray]):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # warnings about unused initialisers etc. are not the user's business
+        kept = []
+        for name, array in initializers.items():
+            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+            options.add_initializer(name, value)
+            kept.append(value)
+        disabled = list(IGNORE_USER_INITIALIZERS) if initializers else None
+        try:
+            session = ort.InferenceSession(str(self.source), sess_options=options, providers=self.providers,
+                                           disabled_optimizers=disabled)
+        except Exception as err:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+            raise BackendError(f"{self.name}: ONNX Runtime cannot load {self.source} ({err}); re-run kolors-trt "
+                               "export") from err
+        return session, kept  # the session reads `kept`: they live as long as it does
+
+    def use_weights(self, key: Optional[Hashable], fused: FusedWeights) -> None:
+        if key == self.weights_key:
+            return
+        if key is None:
+            opened = self._base
+        elif key in self._fused:
+            opened = self._fused[key]
+            self._fused.move_to_end(key)
+        else:
+            opened = self._open(fused(None))  # every fused session starts from the graph's own weights
+            if self.fused_sessions > 0:
+                self._fused[key] = opened
+                while len(self._fused) > self.fused_sessions:
+                    self._fused.popitem(last=False)
+        (self.session, self._buffers), self.weights_key = opened, key
+
+    def drop_weights(self, unused: Callable[[Hashable], bool]) -> None:
+        for key in [k for k in self._fused if unused(k)]:
+            del self._fused[key]
 
     def _check_inputs(self, path: Path) -> None:
         """The graph's inputs have the spec's names and ranks, and a fixed size where the spec has a named

@@ -23,6 +23,12 @@ tests hand the same code a CPU device and a TensorRT stand-in backed by ONNX Run
   another shape would compute with the wrong shapes. (The other way out, graphs on static profiles
   only, would take graphs from dynamic engine folders for nothing: a context costs no activation
   memory here.) Default: on when the engine profile is static.
+- LoRA (``use_weights``): plans built with ``kolors-trt build --refit`` are refitted in place with
+  ``trt.Refitter`` (``set_named_weights`` by the ONNX initializer names the LoRA map records, then
+  ``refit_cuda_engine``), after the stream's work is done; the weights set are the new adapter set's
+  fused weights plus the base weights of whatever the previous set changed, so every refit starts from
+  the base. Captured step graphs are dropped after a refit and captured again on their next use
+  (TensorRT does not promise that a refit keeps the weight memory a captured graph reads).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from typing import Mapping, Optional
 import numpy as np
 
 from .device import cuda_device, host_copy
-from .engine import Backend, DenoiseBatch, Engine, StepCallback
+from .engine import UNKNOWN_WEIGHTS, Backend, DenoiseBatch, Engine, FusedWeights, StepCallback, WeightSwapError
 from .folder import BackendError, ModelFolder
 from .samplers import SamplerTables
 from .spec import COMPONENTS, EngineSpec, dim_values, shape_of
@@ -56,11 +62,12 @@ class TrtEngine(Engine):
     """One plan, its execution contexts and its preallocated device buffers."""
 
     def __init__(self, spec: EngineSpec, source: Path, engine, make_context, device, stream,
-                 cuda_graph: bool = False, jit_cache: Optional[RuntimeCacheFile] = None, weight_bytes: int = 0):
+                 cuda_graph: bool = False, jit_cache: Optional[RuntimeCacheFile] = None, weight_bytes: int = 0,
+                 trt=None):
         super().__init__(spec, source)
         import torch
 
-        self.engine, self.device, self.stream = engine, device, stream
+        self.engine, self.device, self.stream, self._trt = engine, device, stream, trt
         self.weight_bytes, self.activation_bytes = weight_bytes, int(engine.device_memory_size_v2)
         self._make_context = make_context  # engine -> a context on the shared activation memory
         self.jit_cache = jit_cache
@@ -115,6 +122,30 @@ class TrtEngine(Engine):
         if not context.execute_async_v3(self.stream.cuda_stream):
             raise BackendError(f"{self.name}: execute_async_v3 failed (see the TensorRT log)")
 
+    def use_weights(self, key, fused: FusedWeights) -> None:
+        """Refit the plan in place with the weights of ``key`` (see the module docstring)."""
+        if key == self.weights_key:
+            return
+        if self._trt is None or not getattr(self.engine, "refittable", False):
+            raise WeightSwapError(f"{self.name}: {self.source.name} was not built refittable, so LoRA cannot change "
+                                  "its weights; rebuild the engines with kolors-trt build --refit")
+        arrays = {name: np.ascontiguousarray(a) for name, a in fused(self.weights_key).items()}  # alive until done
+        refitter = self._trt.Refitter(self.engine, trt_logger(self._trt))
+        for name, array in arrays.items():
+            if not refitter.set_named_weights(name, self._trt.Weights(array)):
+                raise BackendError(f"{self.name}: the refitter refused weights {name!r} ({array.dtype}, {array.size} "
+                                   f"values) of {self.source.name}; the folder's LoRA map does not fit its plan: rebuild")
+        missing = list(refitter.get_missing_weights())
+        if missing:
+            raise BackendError(f"{self.name}: the refit also needs {missing[:5]} (weights the plan fused with the "
+                               "LoRA's); rebuild the engines with kolors-trt build --refit")
+        self.stream.synchronize()  # no launch of this engine may be in flight during the refit
+        if not refitter.refit_cuda_engine():
+            self.weights_key = UNKNOWN_WEIGHTS  # part may be refitted: the next swap writes every mapped weight
+            raise BackendError(f"{self.name}: refit_cuda_engine failed (see the TensorRT log)")
+        self.graphs.clear()
+        self.weights_key = key
+
     def _execute(self, feeds: Mapping[str, np.ndarray], values: Mapping[str, int]) -> dict[str, np.ndarray]:
         import torch
 
@@ -165,7 +196,7 @@ class TrtBackend(Backend):
                                      cache=cache)
             engines[name] = TrtEngine(specs[name], folder.files[name], plans[name], make, device, stream,
                                       cuda_graph=unet_graphs and not rtx, jit_cache=cache,
-                                      weight_bytes=weight_bytes(trt, plans[name], folder.files[name]))
+                                      weight_bytes=weight_bytes(trt, plans[name], folder.files[name]), trt=trt)
         opened = cls(engines, backend, memory, cache, runtime)
         logger.info("%s: %s bytes on the device", backend, opened.device_memory())
         return opened

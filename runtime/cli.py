@@ -3,6 +3,7 @@
     kolors-trt generate --engines out/engines --image ref.png --prompt "..." --out out.png
     kolors-trt generate --onnx out/onnx --image ref.png --prompt "..." --out out.png --steps 4
     kolors-trt generate ... --scheduler dpmpp_2m_karras --steps 25 --guidance-interval 0.28:5.42
+    kolors-trt generate --onnx out/onnx ... --lora style.safetensors:0.8 --lora detail.safetensors
 
 Defaults of the sampling arguments are the model folder's manifest
 (``runtime.defaults``): the parser leaves them unset. Several images go to
@@ -83,12 +84,37 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the manifest's)")
     p.add_argument("--num-images", type=int, default=1, help="images for the prompt (default 1)")
     add_sampler_arguments(p)
+    p.add_argument("--lora", action="append", type=lora_argument, default=[], metavar="PATH[:WEIGHT]",
+                   help="a LoRA .safetensors (diffusers, PEFT or kohya) and its weight (default 1.0); repeatable")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="default: onnxruntime for --onnx, the build target for --engines")
     p.add_argument("--cache-dir", default=None, help="folder caching IP tokens across runs (.npy per reference image)")
     add_runtime_cache_argument(p)
     p.add_argument("--no-verify", action="store_true", help="skip hashing the graphs/plans against the manifest at load")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_limit_arguments(p)
+
+
+def lora_argument(text: str) -> tuple[str, float]:
+    """PATH[:WEIGHT] -> (path, weight); a suffix that is not a number belongs to the path."""
+    path, sep, weight = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def load_loras(pipe, loras: list) -> dict:
+    """Load each --lora under its file stem (made unique); the request's {name: weight}."""
+    chosen = {}
+    for path, weight in loras:
+        stem = Path(path).stem
+        name, i = stem, 2
+        while name in pipe.lora.adapters:
+            name, i = f"{stem}_{i}", i + 1
+        chosen[pipe.load_lora_weights(path, adapter_name=name)] = weight
+    return chosen
 
 
 def output_paths(out: str | Path, count: int) -> list[Path]:
@@ -115,6 +141,7 @@ def run_generate(args) -> int:
     paths = output_paths(args.out, args.num_images)  # checked before the engines load and run
     pipe = Pipeline.load(folder, backend=args.backend, cache_dir=args.cache_dir, verify=not args.no_verify,
                          limits=Limits(args.max_size, args.max_batch), runtime_cache=args.runtime_cache)
+    loras = load_loras(pipe, args.lora)
     result = pipe.generate(
         args.prompt,
         ip_adapter_image=args.image,
@@ -128,6 +155,7 @@ def run_generate(args) -> int:
         num_images_per_prompt=args.num_images,
         scheduler=args.scheduler,
         guidance_interval=args.guidance_interval,
+        loras=loras,
         progress=not args.no_progress,
     )
     params = dict(result.parameters, image=args.image)
@@ -148,4 +176,5 @@ def add_subcommands(subparsers) -> None:
 
 
 __all__ = ["OutputPathError", "add_generate_arguments", "add_limit_arguments", "add_runtime_cache_argument",
-           "add_sampler_arguments", "add_subcommands", "interval", "output_paths", "run_generate"]
+           "add_sampler_arguments", "add_subcommands", "interval", "load_loras", "lora_argument", "output_paths",
+           "run_generate"]

@@ -3,6 +3,7 @@
     Engine.run(feeds: dict[str, np.ndarray], finite=True) -> dict[str, np.ndarray]
     Engine.runs      how many times it ran (tests prove cache hits and early stops with it)
     Engine.rows      batch rows it evaluated (the leading dim of its first input, summed over runs)
+    Engine.use_weights(key, fused)   run with other values of some initializers (LoRA, lora.py)
 
     Backend.engines  {component: Engine} for the four components
     Backend.denoise(batch: DenoiseBatch, sampler: SamplerTables, on_step) -> latents
@@ -46,15 +47,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Hashable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from .errors import InputError
 from .postprocess import check_finite
 from .spec import EngineSpec, check_feeds
 
 # on_step(step_index, latents) -> None (all rows) | row indices to keep | [] (stop)
 StepCallback = Callable[[int, Callable[[], np.ndarray]], Optional[Sequence[int]]]
+# fused(restore) -> {initializer name: array in its stored dtype and layout}: the weights of the key asked for,
+# plus the base values of what the key `restore` (the one applied before; None: base; UNKNOWN_WEIGHTS: any) changed
+FusedWeights = Callable[[Optional[Hashable]], Mapping[str, np.ndarray]]
+UNKNOWN_WEIGHTS = ("weights unknown after a failed swap",)  # a weights_key no set has: the next swap rewrites all
+
+
+class WeightSwapError(InputError):
+    """This engine cannot change its weights (a plan built without --refit)."""
 
 
 class Engine:
@@ -86,6 +96,17 @@ class Engine:
     def _execute(self, feeds: Mapping[str, np.ndarray], values: Mapping[str, int]) -> dict[str, np.ndarray]:
         """Run on feeds already checked; ``values`` are the dynamic dims they imply."""
         raise NotImplementedError
+
+    # The weights the engine runs: None for the graph's (or plan's) own, else a key of lora.py.
+    weights_key: Optional[Hashable] = None
+
+    def use_weights(self, key: Optional[Hashable], fused: FusedWeights) -> None:
+        """Run with the weights of ``key`` from now on (None: the base weights). ``fused`` computes them; a
+        backend calls it only when it has no copy of them already."""
+        raise WeightSwapError(f"{self.name}: this backend cannot swap weights")
+
+    def drop_weights(self, unused: Callable[[Hashable], bool]) -> None:
+        """Forget any kept copy of weights whose key ``unused(key)`` (an unloaded adapter)."""
 
 
 @dataclass(frozen=True)
@@ -152,4 +173,5 @@ def guidance_column(guidance: np.ndarray) -> np.ndarray:
     return np.asarray(guidance, dtype=np.float32).reshape(-1, 1, 1, 1)
 
 
-__all__ = ["Backend", "DenoiseBatch", "Engine", "StepCallback", "conditioning_rows", "guidance_column", "step_rows"]
+__all__ = ["Backend", "DenoiseBatch", "Engine", "FusedWeights", "StepCallback", "UNKNOWN_WEIGHTS", "WeightSwapError",
+           "conditioning_rows", "guidance_column", "step_rows"]

@@ -27,6 +27,7 @@ from .artifacts import (
     MANIFEST,
     asset_hashes,
     engine_specs_of,
+    lora_file_hashes,
     manifest_format,
     missing_asset_dirs,
     read_engine_manifest,
@@ -162,6 +163,7 @@ def _engine_folder(root: Path, verify: bool) -> ModelFolder:
         if name in specs:
             files[name], entries[name] = root / entry["file"], entry
             hashes[entry["file"]] = entry["plan_sha256"]
+            hashes.update(lora_file_hashes(entry))
     missing = missing_asset_dirs(root)
     if missing:
         raise FolderError(f"model folder {root}: {missing[0]} is missing (copied from the export folder by build)")

@@ -41,6 +41,11 @@ for NaN/Inf on their own (the loops leave that check to the pipeline), so one
 request's overflow, or a prompt the tokenizer refuses, fails that request
 (``Generation.error``) and not its batch.
 
+LoRA (lora.py). ``load_lora_weights``, ``unload_lora_weights`` and ``set_adapters`` as in
+diffusers; a request's ``loras`` ({adapter: weight}; None: the ``set_adapters`` set) picks
+its adapters without a rebuild. Batches are also keyed by the UNet's adapter set (the set
+applied first), prompt embeddings are cached per text-encoder set.
+
 Threads. A Pipeline may be called from several threads: the engine work of each
 call (encoders, denoising, VAE) runs under one lock, because the engines share one
 stream and one set of buffers; argument checks and image preprocessing run
@@ -64,6 +69,7 @@ from .backends import open_backend
 from .cache import DEFAULT_IP_ITEMS, DEFAULT_PROMPT_ITEMS, ArrayCache, LRUCache, content_key, read_only
 from .engine import Backend, DenoiseBatch
 from .folder import Limits, ModelFolder, read_folder, resolve_backend
+from .lora import LoraLoaderMixin, LoraManager
 from .errors import InputError
 from .noise import request_noise
 from .postprocess import NonFiniteError, non_finite_rows
@@ -77,7 +83,7 @@ from .request import (
     RequestChecker,
     RequestStepCallback,
 )
-from .rows import LiveRows, chunks
+from .rows import LiveRows, chunks, generations
 from .samplers import SamplerTables, Samplers
 from .scheduler import SchedulerConfig
 from .tokenizer import ChatGLMTokenizer
@@ -85,7 +91,7 @@ from .tokenizer import ChatGLMTokenizer
 logger = logging.getLogger(__name__)
 
 
-class Pipeline:
+class Pipeline(LoraLoaderMixin):
     """Kolors + IP-Adapter-Plus on one model folder. Build it with ``Pipeline.load``.
 
     Thread-safe: calls from several threads are serialised around the engines (one stream, one set of
@@ -93,7 +99,7 @@ class Pipeline:
 
     def __init__(self, folder: ModelFolder, backend: Backend, tokenizer: ChatGLMTokenizer,
                  scheduler_config: SchedulerConfig, clip: ClipPreprocess, ip_cache: ArrayCache,
-                 prompt_items: int = DEFAULT_PROMPT_ITEMS):
+                 prompt_items: int = DEFAULT_PROMPT_ITEMS, lora_dir: Optional[str | Path] = None):
         self.folder = folder
         self.backend = backend.name
         self.engines = backend.engines
@@ -107,6 +113,7 @@ class Pipeline:
         self.runtime = folder.runtime
         self.checker = RequestChecker(folder, self.samplers, clip)
         self.defaults = self.checker.defaults
+        self.lora = LoraManager(folder, self.engines, lora_dir)
         self._ip_namespace = f"image_encoder:{folder.identity('image_encoder')}"
         # Optional stage -> context manager (the benchmark's timers); None costs nothing.
         self.stage_timer = None
@@ -124,7 +131,8 @@ class Pipeline:
     def load(cls, folder: str | Path, backend: str = "auto", cache_dir: Optional[str | Path] = None,
              verify: bool = True, prompt_cache_items: int = DEFAULT_PROMPT_ITEMS, ip_cache_items: int = DEFAULT_IP_ITEMS,
              cuda_graph: Optional[bool] = None, limits: Optional[Limits] = None,
-             runtime_cache: Optional[str | Path] = None, cache_max_bytes: Optional[int] = None) -> "Pipeline":
+             runtime_cache: Optional[str | Path] = None, cache_max_bytes: Optional[int] = None,
+             lora_dir: Optional[str | Path] = None) -> "Pipeline":
         """Open an export folder (ONNX Runtime) or engine folder (TensorRT / TensorRT-RTX).
 
         backend: "auto" | "onnxruntime" | "tensorrt" | "tensorrt-rtx". cache_dir: a folder for IP tokens
@@ -133,17 +141,18 @@ class Pipeline:
         CUDA graph; None = when the engine profile is static. limits (export folders): the largest side and
         batch accepted, default ``Limits()`` (engine folders take their build profile). runtime_cache
         (TensorRT-RTX only): a file keeping the kernels it compiles at run time across restarts. cache_max_bytes:
-        bound of cache_dir (least recently used files go first; None: no bound).
+        bound of cache_dir (least recently used files go first; None: no bound). lora_dir: a folder of
+        ``<name>.safetensors`` LoRAs that requests may name, loaded on first use.
         """
         model = read_folder(folder, verify=verify, limits=limits)
         name = resolve_backend(model, backend)
         runner = open_backend(model, name, cuda_graph, None if runtime_cache is None else Path(runtime_cache))
-        return cls.on_backend(model, runner, cache_dir, prompt_cache_items, ip_cache_items, cache_max_bytes)
+        return cls.on_backend(model, runner, cache_dir, prompt_cache_items, ip_cache_items, cache_max_bytes, lora_dir)
 
     @classmethod
     def on_backend(cls, model: ModelFolder, runner: Backend, cache_dir: Optional[str | Path] = None,
                    prompt_cache_items: int = DEFAULT_PROMPT_ITEMS, ip_cache_items: int = DEFAULT_IP_ITEMS,
-                   cache_max_bytes: Optional[int] = None) -> "Pipeline":
+                   cache_max_bytes: Optional[int] = None, lora_dir: Optional[str | Path] = None) -> "Pipeline":
         """A pipeline on a backend already open on ``model`` (``load`` opens one from the folder)."""
         tokenizer = ChatGLMTokenizer.from_file(model.root / "tokenizer", max_length=model.model_dims.text_length)
         scheduler_config = SchedulerConfig.from_file(model.root / "scheduler")
@@ -152,35 +161,41 @@ class Pipeline:
         ip_cache = ArrayCache(ip_cache_items, cache_dir, shape=(1, dims.ip_tokens, dims.cross_attention_dim),
                               max_bytes=cache_max_bytes)
         logger.info("loaded %s (%s) on %s", model.root, model.kind, runner.name)
-        return cls(model, runner, tokenizer, scheduler_config, clip, ip_cache, prompt_cache_items)
+        return cls(model, runner, tokenizer, scheduler_config, clip, ip_cache, prompt_cache_items, lora_dir)
 
     # ---- encoders ----------------------------------------------------------------------------
 
     def _stage(self, name: str):
         return self.stage_timer(name) if self.stage_timer is not None else contextlib.nullcontext()
 
-    def _run_text_encoder(self, text: str) -> tuple:
+    def _run_text_encoder(self, text: str, lora_set=()) -> tuple:
+        self.lora.apply("text_encoder", lora_set)
         with self._stage("text_encoder"):
             out = self.engines["text_encoder"].run(self.tokenizer([text]))
         return out["prompt_embeds"], out["pooled"]  # [1, L, D], [1, D]
 
-    def encode_prompt(self, text: str) -> tuple:
-        """(prompt_embeds [1, 256, D], pooled [1, D]) of one prompt, from the LRU when seen before."""
+    def encode_prompt(self, text: str, loras=None) -> tuple:
+        """(prompt_embeds [1, 256, D], pooled [1, D]) of one prompt, with the text-encoder part of ``loras`` ({name:
+        weight}; None: the default set), from the LRU when seen before."""
         if not isinstance(text, str):
             raise PipelineInputError(f"pipeline: prompts must be strings, found {type(text).__name__}")
+        lora_set = self.lora.resolve(loras)
+        te_key = self.lora.key(lora_set, "text_encoder")
+        key = text if te_key is None else (te_key, text)
         with self._lock:
-            cached = self.prompt_cache.get(text)
+            cached = self.prompt_cache.get(key)
             if cached is None:
-                cached = self._run_text_encoder(text)
-                self.prompt_cache.put(text, cached)
+                cached = self._run_text_encoder(text, lora_set)
+                self.prompt_cache.put(key, cached)
         return cached
 
-    def _negative(self, negative_prompt: Optional[str]) -> tuple:
-        if negative_prompt is None:
-            return self.empty_negative
-        if negative_prompt == "" and not self.runtime.get("force_zeros_for_empty_prompt", False):
-            return self.empty_negative  # the same text: the constant computed at load
-        return self.encode_prompt(negative_prompt)
+    def _negative(self, negative_prompt: Optional[str], lora_set=()) -> tuple:
+        zeros = self.runtime.get("force_zeros_for_empty_prompt", False)
+        if negative_prompt is None or (negative_prompt == "" and not zeros):
+            if self.lora.key(lora_set, "text_encoder") is None or (negative_prompt is None and zeros):
+                return self.empty_negative  # the constant computed at load
+            return self.encode_prompt("", lora_set)  # "" through the text encoder with the request's adapters
+        return self.encode_prompt(negative_prompt, lora_set)
 
     def pixel_values(self, image: ImageSource) -> np.ndarray:
         """CLIP preprocessing of one reference image: float32 [1, 3, S, S]; raises ImageInputError."""
@@ -208,8 +223,10 @@ class Pipeline:
     # ---- checks ------------------------------------------------------------------------------
 
     def check(self, request: GenerationRequest, index: int = 0) -> CheckedRequest:
-        """Every check of one request, its image preprocessed; no engine runs (RequestChecker)."""
-        return self.checker(request, index)
+        """Every check of one request, its image preprocessed and its ``loras`` resolved; no engine runs
+        (RequestChecker)."""
+        checked = self.checker(request, index)
+        return dataclasses.replace(checked, loras=self.lora.resolve(request.loras))
 
     def batch_limits(self, do_cfg: bool) -> tuple[int, int]:
         """(fewest, most) images of one UNet batch (RequestChecker.batch_limits)."""
@@ -223,6 +240,7 @@ class Pipeline:
             "prompt_cache": self.prompt_cache.stats.as_dict(),
             "ip_cache": self.ip_cache.stats.as_dict(),
             "device_memory": self._runner.device_memory(),
+            "lora": {"swaps": self.lora.swaps, "swap_seconds": self.lora.swap_seconds},
         }
 
     def generate(self, prompt: str, ip_adapter_image: Optional[ImageSource] = None,
@@ -231,13 +249,15 @@ class Pipeline:
                  ip_adapter_scale: Optional[float] = None, seed: Optional[int] = None,
                  num_images_per_prompt: int = 1, ip_adapter_tokens: Optional[np.ndarray] = None,
                  latents: Optional[np.ndarray] = None, output_type: str = "pil", scheduler: Optional[str] = None,
-                 guidance_interval: Optional[tuple] = None, progress: bool = False) -> Generation:
+                 guidance_interval: Optional[tuple] = None, loras: Optional[dict] = None,
+                 progress: bool = False) -> Generation:
         """Run one request (``generate_batch`` of one); every argument is checked before an engine runs.
-        None = the manifest default. scheduler: a sampler name (samplers.SAMPLERS, default "euler");
-        guidance_interval: (low, high), guidance only at steps whose sigma is in (low, high]."""
+        None = the manifest default (for ``loras``: the ``set_adapters`` set). scheduler: a sampler name
+        (samplers.SAMPLERS, default "euler"); guidance_interval: (low, high), guidance only at steps whose sigma
+        is in (low, high]; loras: {adapter name: weight}."""
         request = GenerationRequest(prompt, ip_adapter_image, negative_prompt, height, width, num_inference_steps,
                                     guidance_scale, ip_adapter_scale, seed, num_images_per_prompt, ip_adapter_tokens,
-                                    latents, output_type, scheduler, guidance_interval)
+                                    latents, output_type, scheduler, guidance_interval, loras)
         result = self.generate_batch([request], progress=progress)[0]
         if result.error is not None:
             raise result.error
@@ -256,8 +276,9 @@ class Pipeline:
 
         Every request is checked before any engine runs (one bad request raises, nothing runs); a request that
         ``check`` already returned is not checked (or its image decoded) again. Requests that share (height,
-        width, steps, guidance at some step or none, sampler) run as one UNet batch per step, up to the profile's
-        batch; other lists are split into such groups, run in the order of their first request.
+        width, steps, guidance at some step or none, sampler, UNet LoRA set) run as one UNet batch per step, up to the
+        profile's batch; other lists are split into such groups, run in the order of their first request (those
+        with the UNet's LoRA set already applied first).
 
         on_step(index, step, steps, latents) is called after each denoising step of each request still
         running (index into ``requests``). cancelled(index) is asked between steps: a cancelled request's
@@ -271,7 +292,9 @@ class Pipeline:
         jobs = [dataclasses.replace(r, index=i) if isinstance(r, CheckedRequest) else self.check(r, i)
                 for i, r in enumerate(requests)]
         results: list = [None] * len(jobs)
-        for chunk in chunks(jobs, lambda job: self.batch_limits(job.do_cfg)[1]):
+        groups = chunks(jobs, lambda job: self.batch_limits(job.do_cfg)[1], lambda job: self.lora.key(job.loras, "unet"),
+                        self.lora.applied("unet"))
+        for chunk in groups:
             with self._lock:
                 try:
                     for job, result in zip(chunk, self._run_isolated(chunk, progress, on_step, cancelled)):
@@ -302,6 +325,7 @@ class Pipeline:
         batch = self._denoise_batch(chunk, sampler)
         bar = tqdm(total=sampler.steps, desc="denoise", unit="step", disable=not progress)
         rows = LiveRows(chunk, on_step, cancelled, progress=bar.update)
+        self.lora.apply("unet", chunk[0].loras)  # one UNet set per chunk (rows.chunks)
         try:
             with self._stage("denoise"):
                 final = self._runner.denoise(batch, sampler, rows)
@@ -315,13 +339,13 @@ class Pipeline:
         dims = self.folder.model_dims
         uncond_rows, cond_rows, latents, noise = [], [], [], []
         for job in chunk:
-            embeds, pooled = self.encode_prompt(job.prompt)
+            embeds, pooled = self.encode_prompt(job.prompt, job.loras)
             tokens = job.tokens if job.tokens is not None else (
                 self.encode_pixels(job.pixels) if job.pixels is not None else self.zero_ip_tokens)
             scale = np.full((1,), job.ip_scale, np.float32)
             cond = (embeds, pooled, tokens, scale)
             # a request never guided has no unconditional branch to encode: its uncond rows are never evaluated
-            uncond = (*self._negative(job.negative_prompt), self.zero_ip_tokens, scale) if job.do_cfg else cond
+            uncond = (*self._negative(job.negative_prompt, job.loras), self.zero_ip_tokens, scale) if job.do_cfg else cond
             cond_rows.append([np.repeat(a, job.n, axis=0) for a in cond])
             uncond_rows.append([np.repeat(a, job.n, axis=0) for a in uncond])
             shape = (job.n, dims.latent_channels, job.height // dims.vae_scale, job.width // dims.vae_scale)
@@ -370,17 +394,7 @@ class Pipeline:
                 start += job.n
                 images[job.index] = (final[where[job.index]], None if decoded is None else decoded[part])
             failed.update(non_finite_rows("vae_decoder", "image", {i: d for i, (_, d) in images.items() if d is not None}))
-        results = []
-        for job in chunk:
-            parameters = job.parameters(self.backend, self.folder.root)
-            if job.index in failed:
-                results.append(Generation(None, None, parameters, error=failed[job.index]))
-                continue
-            if job.index not in images:
-                results.append(Generation(None, None, parameters, cancelled=True))
-                continue
-            results.append(Generation.of(job.output_type, *images[job.index], parameters))
-        return results
+        return generations(chunk, images, failed, self.backend, self.folder.root)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Final latents -> VAE output float32 [B, 3, H, W] in about [-1, 1]."""

@@ -60,6 +60,7 @@ class GenerationRequest:
     output_type: str = "pil"
     scheduler: Optional[str] = None
     guidance_interval: Optional[tuple] = None
+    loras: Optional[dict] = None  # {adapter name: weight}; None: the Pipeline's set_adapters set
 
 
 @dataclass
@@ -107,6 +108,7 @@ class CheckedRequest:
     sampler: str = DEFAULT_SAMPLER
     interval: Optional[tuple] = None  # (low, high) in sigma units; None: every step
     cfg: Optional[np.ndarray] = None  # [steps] bool: guidance at step i
+    loras: tuple = ()  # ((Adapter, weight), ...): resolved by Pipeline.check (lora.LoraSet)
 
     @property
     def do_cfg(self) -> bool:
@@ -125,7 +127,7 @@ class CheckedRequest:
             "seed": self.seed, "height": self.height, "width": self.width, "num_inference_steps": self.steps,
             "guidance_scale": self.guidance, "ip_adapter_scale": self.ip_scale, "num_images_per_prompt": self.n,
             "scheduler": self.sampler, "guidance_interval": None if self.interval is None else list(self.interval),
-            "backend": backend, "model": str(model),
+            "loras": {adapter.name: weight for adapter, weight in self.loras}, "backend": backend, "model": str(model),
         }
 
 

@@ -1,6 +1,7 @@
-"""The rows of batched generation: which requests share a denoising loop (``chunks``), and in one loop
-which request owns each image row, which rows are still in it, and the loop's ``on_step`` callback that
-reports progress and drops cancelled requests' rows (``LiveRows``).
+"""The rows of batched generation: which requests share a denoising loop (``chunks``: the same key
+and UNet LoRA set), and in one loop which request owns each image row, which rows are still in it,
+and the loop's ``on_step`` callback that reports progress and drops cancelled requests' rows
+(``LiveRows``); at the end, each request's Generation (``generations``).
 
 Rows are in request order, ``num_images_per_prompt`` rows per request. A cancelled
 request's rows leave the batch between steps (the backend pads a step's UNet batch
@@ -11,19 +12,23 @@ is cancelled the loop stops.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Optional, Sequence
+from typing import Callable, Hashable, Optional, Sequence
 
-from .request import CheckedRequest, RequestStepCallback
+from .request import CheckedRequest, Generation, RequestStepCallback
 
 
-def chunks(jobs: Sequence[CheckedRequest], most: Callable[[CheckedRequest], int]) -> list[list[CheckedRequest]]:
-    """Jobs grouped by key (first-come order of the groups), each group cut into loops of at most ``most(job)``
-    images (the profile's batch for the group's guidance)."""
+def chunks(jobs: Sequence[CheckedRequest], most: Callable[[CheckedRequest], int],
+           weights: Callable[[CheckedRequest], Hashable] = lambda job: None,
+           applied: Optional[Hashable] = None) -> list[list[CheckedRequest]]:
+    """Jobs grouped by key and by ``weights(job)`` (the UNet's LoRA set it runs with), each group cut into loops
+    of at most ``most(job)`` images (the profile's batch for the group's guidance). Groups run in first-come
+    order, except that those whose weights are ``applied`` already (the UNet's current set) go first: a burst of
+    mixed sets swaps once per set, not per request."""
     groups: OrderedDict = OrderedDict()
     for job in jobs:
-        groups.setdefault(job.key, []).append(job)
+        groups.setdefault((job.key, weights(job)), []).append(job)
     out = []
-    for group in groups.values():
+    for _, group in sorted(groups.items(), key=lambda item: item[0][1] != applied):  # a stable sort
         chunk, images, room = [], 0, most(group[0])
         for job in group:
             if chunk and images + job.n > room:
@@ -33,6 +38,21 @@ def chunks(jobs: Sequence[CheckedRequest], most: Callable[[CheckedRequest], int]
             images += job.n
         out.append(chunk)
     return out
+
+
+def generations(chunk: Sequence[CheckedRequest], images: dict, failed: dict, backend: str, model) -> list[Generation]:
+    """One Generation per request of a finished loop: its error (``failed``: index -> error), its (latents, VAE
+    output) from ``images``, or cancelled (in neither)."""
+    results = []
+    for job in chunk:
+        parameters = job.parameters(backend, model)
+        if job.index in failed:
+            results.append(Generation(None, None, parameters, error=failed[job.index]))
+        elif job.index not in images:
+            results.append(Generation(None, None, parameters, cancelled=True))
+        else:
+            results.append(Generation.of(job.output_type, *images[job.index], parameters))
+    return results
 
 
 class LiveRows:
@@ -81,4 +101,4 @@ class LiveRows:
         return keep
 
 
-__all__ = ["LiveRows", "chunks"]
+__all__ = ["LiveRows", "chunks", "generations"]

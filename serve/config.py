@@ -70,6 +70,7 @@ class ServeConfig:
     failure_threshold: int = 3  # consecutive failed batches before /health/ready says 503
     probe_interval_s: float = 5.0  # while failing: how often the idle worker re-runs the warm-up request
     playground: bool = True  # the page on GET / and /playground
+    lora_dir: Optional[str] = None  # LoRAs requests may name, <name>.safetensors, loaded and hashed on first use
 
     def __post_init__(self):
         least = {"max_wait_ms": 0, "max_queue": 1, "timeout_s": 1e-3, "drain_timeout_s": 0,
@@ -87,6 +88,9 @@ class ServeConfig:
                 parse_size(self.default_size)
             except ValueError as err:
                 raise ConfigError(f"serve: --default-size: {err}") from None
+        if self.lora_dir is not None and not Path(self.lora_dir).is_dir():
+            raise ConfigError(f"serve: --lora-dir {self.lora_dir}: not a folder; give the folder of the "
+                              "<name>.safetensors LoRAs requests may name")
         if self.api_key is not None and not self.api_key:
             raise ConfigError("serve: the API key is empty; put a non-empty key in --api-key-file or "
                               f"{API_KEY_ENV}")
@@ -200,6 +204,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="log one line per request: client, method, path, status, seconds, x-request-id")
     p.add_argument("--no-playground", dest="playground", action="store_false",
                    help="no playground page on GET / and /playground")
+    p.add_argument("--lora-dir", metavar="DIR",
+                   help="a folder of LoRAs (<name>.safetensors) that requests may name in `lora`; each is loaded and "
+                        "hashed on first use; GET /v1/loras lists them (default: none, LoRA off)")
 
 
 def add_scale_arguments(p: argparse.ArgumentParser) -> None:

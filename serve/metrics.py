@@ -98,6 +98,16 @@ class Metrics:
         self.in_flight = Gauge("kolors_trt_in_flight", "Requests accepted and not yet answered", registry=r)
         self.ready = Gauge("kolors_trt_ready", "1 when /health/ready answers 200", registry=r)
         self.startup = Gauge("kolors_trt_startup_seconds", "Load and warm-up time of the model", registry=r)
+        self.lora_swaps = Counter("kolors_trt_lora_swaps", "Changes of the LoRA weights a component runs with",
+                                  ["component"], registry=r)
+        self.lora_swap_seconds = Histogram("kolors_trt_lora_swap_seconds", "Time of one LoRA weight change "
+                                           "(fused weights computed, session opened or plan refitted)",
+                                           ["component"], buckets=SECONDS, registry=r)
+
+    def lora_swap(self, component: str, seconds: float) -> None:
+        """Pipeline.lora's on_swap (the worker thread)."""
+        self.lora_swaps.labels(component=component).inc()
+        self.lora_swap_seconds.labels(component=component).observe(seconds)
 
     def bind(self, worker) -> None:
         """Read the worker's gauges and its pipeline's counters at scrape time."""

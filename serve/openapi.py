@@ -14,7 +14,9 @@ FastAPI's own document knows the JSON body of generations and nothing else. This
   in its description: JSON Schema cannot compare two items (the fuzz test applies it);
 - every answer: 200 as JSON, or as server-sent events with ``stream``, /metrics as
   Prometheus text, and each error status the route can give with OpenAI's error body;
-- the Bearer key when the server has one (not on /health/*).
+- the Bearer key when the server has one (not on /health/*);
+- ``lora`` only on a server with --lora-dir, its names those of the folder's files when the
+  document is built (a JSON string in multipart).
 
 The limits come from the loaded folder: until the model is loaded the document is built
 without them and not kept.
@@ -56,10 +58,15 @@ MODELS = {"type": "object", "required": ["object", "data"],
           "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": MODEL}}}
 EVENT = {"type": "object", "required": ["data"],  # one server-sent event (OpenAPI 3.1: the schema is per event)
          "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
+LORAS = {"type": "object", "required": ["object", "data"],
+         "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {
+             "type": "object", "required": ["id", "object", "loaded"],
+             "properties": {"id": {"type": "string"}, "object": {"const": "lora"}, "loaded": {"type": "boolean"}}}}}}
 STATUS = {"type": "object", "required": ["ready", "state"],
           "properties": {"ready": {"type": "boolean"}, "state": {"type": "string"}}}
 ERROR_TEXT = {400: "a field is invalid (the message names it and its range)", 401: "missing or wrong API key",
-              404: "unknown model, reference_id or route", 413: "the body is over --max-body-mb",
+              404: "unknown model, reference_id or route; /v1/loras: no --lora-dir",
+              413: "the body is over --max-body-mb",
               422: "the upload is no usable image", 429: "the queue is full (Retry-After)",
               500: "an engine failed (that request, or its batch)", 503: "not ready, or shutting down (Retry-After)",
               504: "past --timeout-s"}
@@ -70,10 +77,11 @@ ERRORS = {
     ("/v1/references", "post"): (400, 413, 422, 429, 500, 503, 504),
     ("/v1/models", "get"): (503,),
     ("/v1/models/{model_id}", "get"): (404, 503),
+    ("/v1/loras", "get"): (404, 503),
 }
 JSON_ANSWERS = {("/v1/images/generations", "post"): IMAGES, ("/v1/images/edits", "post"): IMAGES,
                 ("/v1/references", "post"): REFERENCE, ("/v1/models", "get"): MODELS,
-                ("/v1/models/{model_id}", "get"): MODEL, ("/health/ready", "get"): STATUS,
+                ("/v1/models/{model_id}", "get"): MODEL, ("/v1/loras", "get"): LORAS, ("/health/ready", "get"): STATUS,
                 ("/health/live", "get"): {"type": "object"}}
 STREAMS = ("/v1/images/generations", "/v1/images/edits")
 
@@ -91,9 +99,18 @@ def without_null(schema: dict) -> dict:
     return {**rest, **branches[0]}
 
 
-def narrow(schema: dict, config, folder, ceilings: dict) -> dict:
-    """A params schema with this server's limits (module docstring)."""
+def narrow(schema: dict, config, folder, ceilings: dict, loras: list) -> dict:
+    """A params schema with this server's limits (module docstring); ``loras``: the names `lora` may use."""
     props = schema["properties"]
+    if config.lora_dir is None:
+        props.pop("lora", None)
+    elif "lora" in props:
+        target = next(b for b in props["lora"].get("anyOf", [props["lora"]]) if b.get("type") == "object")
+        weight = next(iter(target.pop("patternProperties").values()))
+        if loras:
+            target.update(propertyNames={"enum": loras}, additionalProperties=weight)
+        else:
+            target.update(maxProperties=0)
     for name in ("prompt", "negative_prompt"):
         target = props[name] if "type" in props[name] else next(b for b in props[name]["anyOf"] if b["type"] == "string")
         target["maxLength"] = config.max_prompt_chars
@@ -105,10 +122,13 @@ def narrow(schema: dict, config, folder, ceilings: dict) -> dict:
     return schema
 
 
-def edit_form(config, folder, ceilings: dict) -> dict:
+def edit_form(config, folder, ceilings: dict, loras: list) -> dict:
     """The multipart body of /v1/images/edits."""
-    schema = narrow(EditParams.model_json_schema(), config, folder, ceilings)
+    schema = narrow(EditParams.model_json_schema(), config, folder, ceilings, loras)
     props = {name: without_null(p) for name, p in schema["properties"].items()}
+    if "lora" in props:  # multipart fields are text: the object as JSON
+        props["lora"] = {"type": "string", "contentMediaType": "application/json", "contentSchema": props["lora"],
+                         "description": 'a JSON object {"adapter": weight}'}
     props["image"] = {"type": "string", "format": "binary", "description": "the IP-Adapter reference image"}
     props["guidance_interval"] = {"type": "string", "pattern": f"^{INTERVAL_TEXT.pattern.removesuffix(chr(92) + 'Z')}$",
                                   "description": "LOW:HIGH in sigma units, low < high: classifier-free guidance only "
@@ -122,19 +142,21 @@ def build(app, routes, config, worker) -> dict:
 
     doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=routes)
     folder = worker.pipe.folder if worker.pipe is not None and worker.ceilings else None
+    loras = sorted(i["id"] for i in worker.pipe.lora.list()) if folder is not None and config.lora_dir else []
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):  # validation errors are answered 400 with ERROR
         schemas.pop(name, None)
     schemas["Error"] = ERROR
     generation = narrow(copy.deepcopy(schemas.get("GenerationParams") or GenerationParams.model_json_schema()),
-                        config, folder, worker.ceilings)
+                        config, folder, worker.ceilings, loras)
     generation["if"] = {"required": ["ip_adapter_scale"],
                         "properties": {"ip_adapter_scale": {"type": "number", "exclusiveMinimum": 0}}}
     generation["then"] = {"required": ["reference_id"], "properties": {"reference_id": {"type": "string"}}}
     schemas["GenerationParams"] = generation
     paths = doc["paths"]
     paths["/v1/images/edits"]["post"]["requestBody"] = {
-        "required": True, "content": {"multipart/form-data": {"schema": edit_form(config, folder, worker.ceilings)}}}
+        "required": True, "content": {"multipart/form-data": {"schema": edit_form(config, folder, worker.ceilings,
+                                                                                  loras)}}}
     paths["/v1/references"]["post"]["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["image"], "additionalProperties": False,
         "properties": {"image": {"type": "string", "format": "binary"}}}}}}

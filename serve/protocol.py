@@ -14,7 +14,9 @@ The rules for fields, stated once:
   CFG range), ip_adapter_scale [0, 5] (ComfyUI IPAdapter's weight range, negatives left
   out), scheduler (a sampler name; GET /v1/models lists them), guidance_interval
   ([low, high] in sigma units, 0 <= low < high, finite; "LOW:HIGH" in a multipart form);
-  and reference_id on generations. Values past the bounds are refused (400)
+  reference_id on generations; and ``lora``, {adapter: weight} (at most 8 adapters,
+  names as in GET /v1/loras, weights in [-10, 10]; a JSON object, or a JSON string in
+  multipart). Values past the bounds are refused (400)
   before a request queues, so one request can no longer overflow a shared batch.
 - Types are strict: a number takes a JSON number (not true, not "4"), a boolean takes
   true or false. Multipart fields are text: a number there is ASCII decimal digits
@@ -37,13 +39,14 @@ reads the CLI's HEIGHTxWIDTH and is deliberately not used here.
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import re
 import secrets
 import typing
 from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from kolors_trt.runtime.request import GenerationRequest, PipelineInputError, guidance_interval
 from kolors_trt.runtime.samplers import SAMPLERS
@@ -64,6 +67,9 @@ BOOL_TEXT = {"true": True, "false": False}
 MAX_SIGMA = 1e6  # a guidance interval's bounds: far above any schedule's sigma (Kolors' largest is 29)
 _SIGMA = r"[0-9]{1,6}(\.[0-9]{1,9})?"  # below MAX_SIGMA, so the form and JSON take the same values
 INTERVAL_TEXT = re.compile(f"{_SIGMA}:{_SIGMA}\\Z")  # guidance_interval in a form: LOW:HIGH, ASCII digits
+MAX_LORAS = 8
+LoraName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]  # a file stem
+LoraWeight = Annotated[float, Field(ge=-10, le=10, allow_inf_nan=False)]
 
 
 def _integral(value):
@@ -79,7 +85,7 @@ def _kind(annotation) -> type:
     if typing.get_origin(annotation) is typing.Union:
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
     origin = typing.get_origin(annotation)
-    return str if origin is Literal else list if origin is list else annotation
+    return str if origin is Literal else list if origin is list else dict if origin is dict else annotation
 
 
 class ImageParams(BaseModel):
@@ -113,6 +119,7 @@ class ImageParams(BaseModel):
     guidance_interval: Optional[list[Annotated[float, Field(ge=0, le=MAX_SIGMA, allow_inf_nan=False)]]] = Field(
         None, min_length=2, max_length=2, description="[low, high] in sigma units, low < high: classifier-free "
         "guidance only at steps whose sigma is in (low, high]")
+    lora: Optional[dict[LoraName, LoraWeight]] = Field(None, max_length=MAX_LORAS)  # needs --lora-dir
 
     @field_validator("guidance_interval")
     @classmethod
@@ -186,12 +193,19 @@ def form_value(name: str, text: str, kind: type):
         return _integral(float(text)) if kind is int else float(text)  # an int field refuses 2.5 in validation
     if kind is bool and text.lower() in BOOL_TEXT:
         return BOOL_TEXT[text.lower()]
+    if kind is dict and len(text) <= 4096:  # a JSON object in a text field (lora)
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        if isinstance(value, dict):
+            return value
     if kind is str:
         return text
     if kind is list and len(text) <= 400 and INTERVAL_TEXT.match(text):
         return [float(part) for part in text.split(":")]  # LOW:HIGH, the CLI's form
     what = {int: "an integer in ASCII digits", float: "a decimal number in ASCII digits", bool: "true or false",
-            list: "LOW:HIGH, two decimal numbers in ASCII digits (at most 6 before the point)"}
+            list: "LOW:HIGH, two decimal numbers in ASCII digits (at most 6 before the point)", dict: "a JSON object"}
     shown = repr(text) if len(text) <= 40 else f"{len(text)} characters"
     raise ServeInputError(f"{name}: expected {what[kind]}, found {shown}", name)
 
@@ -275,9 +289,11 @@ def generation_request(params: ImageParams, pipe, image: Optional[bytes], tokens
                                   "or pass reference_id (POST /v1/references)", "ip_adapter_scale")
         ip_scale = 0.0
     seed = secrets.randbelow(MAX_SEED + 1) if params.seed is None else params.seed
+    if params.lora and config.lora_dir is None:
+        raise ServeInputError("lora: this server has no LoRA folder (start it with --lora-dir DIR)", "lora")
     return GenerationRequest(params.prompt, image, params.negative_prompt, height, width, steps,
                              params.guidance_scale, ip_scale, seed, params.n, tokens, scheduler=params.scheduler,
-                             guidance_interval=params.guidance_interval)
+                             guidance_interval=params.guidance_interval, loras=params.lora or {})
 
 
 def preview_steps(partial_images: int, steps: int) -> frozenset:

@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from kolors_trt.runtime.lora import LoraError
 from kolors_trt.runtime.preprocess import ImageInputError
 
 from .errors import DeadlineError, NotFoundError, ServeInputError, UnavailableError, http_error
@@ -190,10 +191,14 @@ class Reply:
 
 
 def prepare(pipe, request):
-    """Pipeline.check (every check, the image decoded; no engine) and the reference's content id."""
-    checked = pipe.check(request)
+    """Pipeline.check (every check, the image decoded, the LoRAs loaded from --lora-dir on first use; no engine),
+    the reference's content id and the request's batch key (the runtime's key and the UNet's LoRA set)."""
+    try:
+        checked = pipe.check(request)
+    except LoraError as err:
+        raise ServeInputError(str(err), "lora") from None
     reference_id = pipe.image_key(checked.pixels) if checked.pixels is not None else None
-    return checked, reference_id
+    return checked, reference_id, (*checked.key, pipe.lora.key(checked.loras, "unet"))
 
 
 async def answer_images(request: Request, params: ImageParams, image: Optional[bytes], kind: str):
@@ -210,20 +215,20 @@ async def answer_images(request: Request, params: ImageParams, image: Optional[b
                                 "the cache, or uploaded to a replica that shares no --cache-dir with this one); "
                                 "upload the image again with POST /v1/references", "reference_id")
     generation = generation_request(params, pipe, image, tokens, config)
-    checked, reference_id = await run_in_threadpool(prepare, pipe, generation)  # the worker runs it unchecked
+    checked, reference_id, key = await run_in_threadpool(prepare, pipe, generation)  # the worker runs it unchecked
     parameters = {"prompt": params.prompt, "negative_prompt": params.negative_prompt or "", "seed": checked.seed,
                   "height": checked.height, "width": checked.width, "num_inference_steps": checked.steps,
                   "guidance_scale": checked.guidance, "ip_adapter_scale": checked.ip_scale, "n": checked.n,
                   "scheduler": checked.sampler,
                   "guidance_interval": None if checked.interval is None else list(checked.interval),
                   "reference_id": reference_id or getattr(params, "reference_id", None), "model": config.model_id,
-                  "backend": pipe.backend}
+                  "backend": pipe.backend, "lora": pipe.lora.names(checked.loras)}
     reply = Reply(kind, params, parameters, f"{checked.width}x{checked.height}", int(time.time()))
     work = Work(GENERATE, checked, request_id=request_note(request.scope)["request_id"])
     if params.stream:
-        return stream(request, reply, work, checked)
+        return stream(request, reply, work, checked, key)
     try:
-        result = await submit_and_wait(request, work, checked.key, checked.n)
+        result = await submit_and_wait(request, work, key, checked.n)
     except ClientGone:
         return Response(status_code=CLIENT_GONE)
     return JSONResponse(await run_in_threadpool(reply.body, result))
@@ -233,7 +238,7 @@ def sse(data: dict) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def stream(request: Request, reply: Reply, work: Work, checked) -> StreamingResponse:
+def stream(request: Request, reply: Reply, work: Work, checked, key) -> StreamingResponse:
     """Server-sent events: previews after the steps ``partial_images`` picks (none by default), then one completed
     event per image, then [DONE]. An error after the first event comes as OpenAI's error event."""
     worker = request.app.state.worker
@@ -252,7 +257,7 @@ def stream(request: Request, reply: Reply, work: Work, checked) -> StreamingResp
             put(("preview", (np.array(latents_fn(), dtype=np.float32), step, steps)))
 
     work = dataclasses.replace(work, done=lambda result, error: put(("done", (result, error))), progress=progress)
-    job = worker.submit(work, checked.key, checked.n)  # before the first byte: 429 / 503 stay HTTP statuses
+    job = worker.submit(work, key, checked.n)  # before the first byte: 429 / 503 stay HTTP statuses
 
     async def events():
         finished, previews = False, 0
@@ -310,6 +315,17 @@ async def edits(request: Request):
         raise ServeInputError("image: required (the IP-Adapter reference image, a multipart file); or pass "
                               "reference_id to /v1/images/generations", "image")
     return await answer_images(request, params, image, "image_edit")
+
+
+@router.get("/v1/loras")
+async def loras(request: Request):
+    """The LoRAs requests may name in ``lora``: the --lora-dir files by stem, loaded ones with their sha256,
+    components and rank (404 without --lora-dir)."""
+    worker, config = request.app.state.worker, request.app.state.config
+    if config.lora_dir is None:
+        raise NotFoundError("this server has no LoRA folder (start it with --lora-dir DIR)")
+    pipe = loaded_pipe(worker)
+    return {"object": "list", "data": await run_in_threadpool(pipe.lora.list)}
 
 
 @router.post("/v1/references")

@@ -5,13 +5,17 @@ Requests wait in one FIFO. ``poll(now)`` answers with what to do:
 - drop the jobs that were stopped (a disconnected client, a shutdown) or are past
   their deadline: they never reach a batch;
 - run a batch: the oldest job and the later jobs with its key (for generations:
-  height, width, steps, guidance at some step or none, sampler), up to ``most(key)`` images, in arrival order.
-  The batch runs as soon as it is full, or when its oldest job has waited
-  ``max_wait_s`` for company;
+  height, width, steps, guidance at some step or none, sampler, the UNet's LoRA set), up
+  to ``most(key)`` images, in arrival order. The batch runs as soon as it is full, or
+  when its oldest job has waited ``max_wait_s`` for company;
 - or wait: how long until the oldest job's wait ends or the next deadline passes.
 
 The oldest job always decides the next batch, so no group starves: a job waits at
-most ``max_wait_s`` plus the batches queued before it. The worker (worker.py) owns a
+most ``max_wait_s`` plus the batches queued before it. One exception, bounded: with
+``prefer`` (keys that need no LoRA swap), when the oldest job's key would swap weights
+and a job of a preferred key arrived within ``max_wait_s`` of it, that job's batch runs
+first (when the oldest one's would have), so a burst of mixed styles does not swap
+per request; the oldest job then leads the next batch. The worker (worker.py) owns a
 Scheduler under its lock and feeds it the clock; tests drive it with made-up times.
 """
 
@@ -62,10 +66,12 @@ class Decision:
 
 
 class Scheduler:
-    def __init__(self, max_queue: int, max_wait_s: float, most: Callable[[Hashable], int]):
+    def __init__(self, max_queue: int, max_wait_s: float, most: Callable[[Hashable], int],
+                 prefer: Optional[Callable[[Hashable], bool]] = None):
         self.max_queue = int(max_queue)
         self.max_wait_s = float(max_wait_s)
         self.most = most  # key -> the most images one batch of that key takes
+        self.prefer = prefer  # key -> True when its batch needs no weight swap (module docstring)
         self._queue: deque = deque()
 
     def __len__(self) -> int:
@@ -91,11 +97,14 @@ class Scheduler:
             self._queue = deque(job for job in self._queue if job.stop_reason is None)
         if not self._queue:
             return Decision([], dropped, None)
-        head = self._queue[0]
-        room = self.most(head.key)
+        head = lead = self._queue[0]
+        if self.prefer is not None and not self.prefer(head.key):
+            lead = next((job for job in self._queue if job.arrival - head.arrival <= self.max_wait_s
+                         and self.prefer(job.key)), head)
+        room = self.most(lead.key)
         batch, images = [], 0
         for job in self._queue:
-            if job.key != head.key:
+            if job.key != lead.key:
                 continue
             if batch and images + job.images > room:
                 continue  # a later, smaller job may still fit; this one leads a later batch

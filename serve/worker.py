@@ -85,7 +85,7 @@ class Worker:
         self._batch_seconds = 1.0  # moving average, for Retry-After
         self._stopping = False
         self._cond = threading.Condition()
-        self._scheduler = Scheduler(config.max_queue, config.max_wait_ms / 1000, self._most)
+        self._scheduler = Scheduler(config.max_queue, config.max_wait_ms / 1000, self._most, self._no_swap)
         self._thread: Optional[threading.Thread] = None
         self.metrics = metrics or Metrics()
         self.metrics.bind(self)
@@ -121,6 +121,10 @@ class Worker:
 
     def _most(self, key) -> int:
         return 1 if key == ENCODE_KEY else self.ceilings[key[3]]
+
+    def _no_swap(self, key) -> bool:
+        """A batch of ``key`` runs with the UNet's LoRA weights as they are (the last item of a generation key)."""
+        return key == ENCODE_KEY or self.pipe is None or key[-1] == self.pipe.lora.applied("unet")
 
     # ---- life cycle ------------------------------------------------------------------------
 
@@ -233,7 +237,9 @@ class Worker:
         self.state = "loading"
         self.pipe = Pipeline.load(self.config.folder, backend=self.config.backend, cache_dir=self.config.cache_dir,
                                   verify=self.config.verify, limits=self.config.limits,
-                                  runtime_cache=self.config.runtime_cache, cache_max_bytes=self.config.cache_max_bytes)
+                                  runtime_cache=self.config.runtime_cache, cache_max_bytes=self.config.cache_max_bytes,
+                                  lora_dir=self.config.lora_dir)
+        self.pipe.lora.on_swap = self.metrics.lora_swap
         self.ceilings = batch_ceilings(self.pipe.folder, self.config.max_batch)
         self._check_defaults()
         self.state = "warming"

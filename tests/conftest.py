@@ -186,12 +186,16 @@ def engine_folder(onnx_folder, out, profile, target: str = "tensorrt", plans: st
     """An engine folder for the runtime's checks without a GPU: the export folder's manifest data, a
     build profile, and as "plans" the ONNX graphs themselves (plans="onnx": a test opens them with
     ONNX Runtime in place of TensorRT), the TensorRT stand-in's plans (plans="standin": the graphs
-    with their build profile; the UNet refittable with ``refit``) or short fake plan bytes (plans="fake")."""
+    with their build profile; with ``refit`` the UNet and text encoder refittable, with the LoRA map and
+    base weights the build writes beside them) or short fake plan bytes (plans="fake")."""
     import json
     import shutil
 
+    from kolors_trt.engines.lora import write_lora_files
     from kolors_trt.engines.manifest import new_engine_manifest, profile_json
+    from kolors_trt.runtime.artifacts import read_export_folder
     from kolors_trt.runtime.hashing import sha256_file
+    from kolors_trt.runtime.lora_map import LORA_COMPONENTS
     from kolors_trt.runtime.spec import engine_specs, model_dims_from_json, spec_hash, trt_profile
 
     export = json.loads((onnx_folder / "manifest.json").read_text())
@@ -209,14 +213,17 @@ def engine_folder(onnx_folder, out, profile, target: str = "tensorrt", plans: st
         elif plans == "standin":
             profile_shapes = {k: [list(s) for s in v] for k, v in trt_profile(specs[name]).items()}
             plan.write_bytes(load_standin().build_plan((onnx_folder / f"{name}.onnx").read_bytes(), profile_shapes,
-                                                       module, refit and name == "unet"))
+                                                       module, refit and name in LORA_COMPONENTS))
         else:
             plan.write_bytes(b"ftrt" + name.encode())
         manifest["engines"][name] = {
             "file": plan.name, "plan_sha256": sha256_file(plan), "plan_bytes": plan.stat().st_size,
             "precision": "fp32", "spec_hash": spec_hash(specs[name]), "cache_key": "0" * 32,
             "builder": {"name": module, "version": "0.0"}, "profile": profile_json(specs[name]),
-            "build_seconds": 0.0, "compute_capabilities": list(compute_capabilities)}
+            "build_seconds": 0.0, "compute_capabilities": list(compute_capabilities),
+            "onnx_sha256": export["components"][name]["sha256"]}
+        if refit and name in LORA_COMPONENTS:  # what kolors-trt build --refit writes beside the plan
+            manifest["engines"][name].update(write_lora_files(read_export_folder(onnx_folder).components[name], out))
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 

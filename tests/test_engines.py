@@ -397,16 +397,35 @@ def test_tensorrt_without_gpu_suggests_rtx(monkeypatch):
 @pytest.mark.skipif(targets.gpu_available(), reason="checks the CPU-only refusal")
 def test_refit_with_rtx_on_cpu_is_refused_early(onnx_dir, tmp_path):
     with pytest.raises(NoGpuError, match="--refit"):
-        build_engines(onnx_dir, tmp_path / "e", target=RTX, profile=PROFILE, refit_unet=True)
+        build_engines(onnx_dir, tmp_path / "e", target=RTX, profile=PROFILE, refit=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not targets.gpu_available(), reason="needs an NVIDIA GPU")
-def test_refit_unet_rebuilds_only_the_unet(built, onnx_dir, tmp_path):
-    out = _copy(built[0], tmp_path / "engines")
-    results = build_engines(onnx_dir, out, target=RTX, profile=PROFILE, refit_unet=True)
-    assert [r.component for r in results if r.status == BUILT] == ["unet"]
-    assert json.loads((out / "manifest.json").read_text())["engines"]["unet"]["options"]["refit"] is True
+def test_refit_builds_the_lora_components_with_their_maps(onnx_fp16, tmp_path):
+    from kolors_trt.engines.manifest import verify_engine_folder
+    from kolors_trt.runtime.spec import DimRange, Profile
+
+    out = tmp_path / "engines"
+    profile = Profile(DimRange(1, 1, 2), DimRange(64, 64, 128), DimRange(64, 96, 128))
+    results = build_engines(onnx_fp16, out, target=RTX, profile=profile, refit=True, components=["unet", "text_encoder"])
+    assert sorted(r.component for r in results if r.status == BUILT) == ["text_encoder", "unet"]
+    engines = verify_engine_folder(out)["engines"]
+    for name in ("unet", "text_encoder"):
+        assert engines[name]["options"]["refit"] == "lora-map"
+        assert (out / engines[name]["lora_map"]).is_file() and (out / engines[name]["lora_base"]).is_file()
+
+
+def test_refittable_weights_come_from_the_lora_map(onnx_dir, onnx_fp16):
+    from kolors_trt.engines.errors import EngineBuildError
+    from kolors_trt.engines.lora import refittable_weights
+    from kolors_trt.runtime.artifacts import read_export_folder
+
+    with pytest.raises(EngineBuildError, match="has no LoRA map"):
+        refittable_weights(read_export_folder(onnx_dir).components["unet"])
+    unet = read_export_folder(onnx_fp16).components["unet"]
+    targets = json.loads(unet.lora_map.read_text())["targets"]
+    assert refittable_weights(unet) == sorted(t["initializer"] for t in targets.values())
 
 
 def test_wrong_input_name_is_a_network_mismatch(onnx_dir, tmp_path):

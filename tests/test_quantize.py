@@ -105,6 +105,28 @@ def test_runtime_generates_from_the_quantized_folder(quantized, onnx_fp16, preci
     assert TOLERANCE[precision]["min_psnr_db"] <= psnr_db(got, want) < 99
 
 
+def test_lora_on_a_quantized_unet_is_refused_with_the_maps_reason(quantized, tmp_path):
+    """The export records that an 8-bit UNet takes no LoRA (its LoRA map says why); a UNet LoRA is refused with that
+    reason and nothing loaded, while the text encoder (fp16) keeps its map."""
+    import torch
+    from safetensors.torch import save_file
+
+    from kolors_trt.runtime.lora import LoraError
+    from kolors_trt.runtime.pipeline import Pipeline
+
+    folder = quantized("int8")
+    unet_map = json.loads((folder / "unet.lora.json").read_text())
+    assert unet_map["supported"] is False and "int8" in unet_map["reason"]
+    assert json.loads((folder / "text_encoder.lora.json").read_text())["supported"] is True
+    pipe = Pipeline.load(folder)
+    module = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    save_file({f"unet.{module}.lora_A.weight": torch.ones(2, 64), f"unet.{module}.lora_B.weight": torch.ones(64, 2)},
+              str(tmp_path / "style.safetensors"))
+    with pytest.raises(LoraError, match="LoRA cannot apply to the unet: the unet graph is int8"):
+        pipe.load_lora_weights(tmp_path / "style.safetensors", adapter_name="style")
+    assert pipe.lora.adapters == {}
+
+
 def test_store_weights_8bit_equals_the_qdq_it_replaces(tmp_path):
     """A weight's QuantizeLinear applied ahead of time gives ONNX Runtime's own results bit for bit."""
     from onnx import TensorProto, helper, numpy_helper

@@ -112,3 +112,22 @@ def test_a_full_queue_refuses_and_hurry_skips_the_wait():
     assert s.poll(0.0).batch == []
     assert len(s.poll(0.0, hurry=True).batch) == 1
     assert len(s.take_all()) == 1 and len(s) == 0
+
+
+def test_the_applied_lora_set_goes_first_within_the_wait_window():
+    """prefer(key): a batch that needs no LoRA swap may run before the oldest job's, when it arrived within
+    max_wait_s of it; then the oldest leads. A later preferred job does not pass it."""
+    plain, ink = A + (None,), A + ((("sha-ink", 0.8),),)
+    applied = {"key": ink}
+    s = Scheduler(100, 0.05, lambda key: 4, prefer=lambda key: key == applied["key"])
+    s.push(job(plain, 0.00, name="p0"))
+    s.push(job(ink, 0.01, name="i1"))
+    s.push(job(plain, 0.02, name="p2"))
+    s.push(job(ink, 0.30, name="i3"))  # arrived long after p0's window
+    assert names(s.poll(0.06).batch) == ["i1", "i3"]  # ink is applied: its batch runs when p0's would have
+    applied["key"] = plain  # the worker ran the ink batch... and then the plain one swaps back
+    assert names(s.poll(0.06).batch) == ["p0", "p2"]
+    s = Scheduler(100, 0.05, lambda key: 4, prefer=lambda key: key == ink)
+    s.push(job(plain, 0.00, name="p0"))
+    s.push(job(ink, 0.10, name="i1"))  # outside p0's window of 50 ms: p0 keeps its turn
+    assert names(s.poll(0.10).batch) == ["p0"]

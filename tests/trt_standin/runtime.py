@@ -251,6 +251,22 @@ class _PlanError(Exception):
 _ACTIVATIONS: dict = {}  # plan id -> device_memory_size_v2
 
 
+def _session(data: bytes, overrides: Optional[dict] = None):
+    """An ONNX Runtime session of a plan's graph, its refitted weights given with add_initializer. Every session
+    runs without the two CPU transformers that would read the graph's own initializers instead of those
+    (runtime/backend_ort.py says which): a refit changes weights, not kernels, so a plan refitted back to its
+    build weights computes the same bits as before, as TensorRT's does."""
+    import onnxruntime as ort
+
+    from kolors_trt.runtime.backend_ort import IGNORE_USER_INITIALIZERS
+
+    options = ort.SessionOptions()
+    for name, value in (overrides or {}).items():
+        options.add_initializer(name, value)
+    return ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(IGNORE_USER_INITIALIZERS))
+
+
 class ICudaEngine:
     def __init__(self, runtime: Runtime, data: bytes, source_kind: str):
         import onnxruntime as ort
@@ -258,7 +274,7 @@ class ICudaEngine:
         self.runtime, self.source_kind = runtime, source_kind
         self._trt = runtime._trt
         try:
-            self._session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+            self._session = _session(data)
         except Exception as err:  # onnxruntime's own exception types: not a graph at all
             raise _PlanError(f"not a plan ({type(err).__name__})") from None
         meta = self._session.get_modelmeta().custom_metadata_map
@@ -383,10 +399,7 @@ class ICudaEngine:
         import onnxruntime as ort
 
         self._overrides.update({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in weights.items()})
-        options = ort.SessionOptions()
-        for name, value in self._overrides.items():
-            options.add_initializer(name, value)
-        self._session = ort.InferenceSession(self._data, sess_options=options, providers=["CPUExecutionProvider"])
+        self._session = _session(self._data, self._overrides)
 
 
 class IExecutionContext:
