@@ -18,6 +18,7 @@ from typing import Optional
 
 import numpy as np
 
+from .artifacts import MANIFEST
 from .lora_files import LoraUnavailableError
 from .manifest import ManifestError, contained, read_json_object
 
@@ -69,7 +70,7 @@ def read_lora_map(root: Path, component: str, entry: dict, graph_sha256: Optiona
     rel = entry.get("lora_map")
     if rel is None:
         return None
-    where = f"{root / 'manifest.json'}: {component}.lora_map"
+    where = f"{root / MANIFEST}: {component}.lora_map"
     path = contained(root, rel, where)
     m = read_json_object(path)
     if m.get("format") != MAP_FORMAT or m.get("version") != MAP_VERSION or m.get("component") != component:
