@@ -51,8 +51,10 @@ def _export(args) -> int:
 
     precisions = resolve_precisions(args.precision, dict(args.component_precision or []))
     cal = _calibration_args(args, precisions["unet"])
+    branch = None if args.no_deep_cache else args.deep_cache_branch
     results = export_all(Path(args.weights), Path(args.ip_adapter), Path(args.out), precisions,
-                         tuple(args.components or S.COMPONENTS), force=args.force, calibration=cal)
+                         tuple(args.components or S.COMPONENTS), force=args.force, calibration=cal,
+                         deep_cache_branch=branch)
     if all(r.status == UP_TO_DATE for r in results):
         print(f"{args.out}: up to date (same checkpoint, precisions and export version; --force re-exports)")
         return 0
@@ -190,7 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--component-precision", action="append", type=_component_precision, metavar="NAME=P",
                    help="per-component override, e.g. vae_decoder=fp16, text_encoder=fp32, or unet=int8 / unet=fp8 "
                         "(8-bit UNet, calibrated; see below) (repeatable)")
-    p.add_argument("--components", nargs="+", choices=S.COMPONENTS, help="export only these")
+    p.add_argument("--components", nargs="+", choices=S.ALL_COMPONENTS,
+                   help="export only these (the unet and unet_shallow go together)")
+    p.add_argument("--deep-cache-branch", type=int, default=S.DEFAULT_DEEP_CACHE_BRANCH, metavar="N",
+                   help="DeepCache: also export unet_shallow, the UNet without the blocks below skip branch N "
+                        "(DeepCache's cache_branch_id, 3 * block + layer; default %(default)s, the outermost), and the "
+                        "deep feature as an output of unet; generate --deep-cache-interval uses them (an 8-bit unet's "
+                        "shallow half is fp16)")
+    p.add_argument("--no-deep-cache", action="store_true", help="export the unet alone, without DeepCache's split")
     q = p.add_argument_group("8-bit UNet (--component-precision unet=int8|fp8; defaults: NVIDIA's SDXL recipe)")
     q.add_argument("--calibration-prompts", metavar="FILE",
                    help="calibration prompts, one a line (default: the built-in set, NVIDIA's SDXL calibration prompts)")
