@@ -137,6 +137,14 @@ def _bench(args) -> int:
         print(bench_samplers.markdown(result, result["environment"]))
         B.write_outputs(result, args.json, None)
         return 0
+    if args.unet_graphs:
+        from kolors_trt import bench_graphs
+
+        result = bench_graphs.bench_unet_graphs(folder, args.backend, config, cuda_graph)
+        result["environment"] = B.environment(result["backend"])
+        print(bench_graphs.markdown(result, result["environment"]))
+        B.write_outputs(result, args.json, None)
+        return 0
     if args.batch is not None:
         from kolors_trt import bench_batch
 
@@ -245,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     from kolors_trt.runtime.cli import add_sampler_arguments
 
     add_sampler_arguments(p)  # with either: the sampler against the Euler default (UNet rows, wall time)
+    p.add_argument("--unet-graphs", action="store_true",
+                   help="time one CFG step of each UNet graph of the folder (unet, and DeepCache's unet_shallow)")
     p.add_argument("--json", help="write every raw sample, the environment and the configuration here")
     p.add_argument("--plot", help="write a PNG of per-stage time here")
     p.add_argument("--server", metavar="URL", help="load-test a running kolors-trt serve at URL instead (the folder "

@@ -25,7 +25,7 @@ import numpy as np
 from .engine import Backend, DenoiseBatch, Engine, FusedWeights, StepCallback, guidance_column, step_rows
 from .folder import BackendError, FolderError, ModelFolder
 from .samplers import SamplerTables, sampler_step
-from .spec import COMPONENTS, EngineSpec
+from .spec import ALL_COMPONENTS, EngineSpec
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class OrtBackend(Backend):
     @classmethod
     def open(cls, folder: ModelFolder) -> "OrtBackend":
         specs = folder.specs
-        return cls({name: OrtEngine(specs[name], folder.files[name]) for name in COMPONENTS})
+        return cls({name: OrtEngine(specs[name], folder.files[name]) for name in ALL_COMPONENTS if name in folder.files})
 
     def denoise(self, batch: DenoiseBatch, sampler: SamplerTables, on_step: Optional[StepCallback] = None) -> np.ndarray:
         unet = self.engines["unet"]
