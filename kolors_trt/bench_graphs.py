@@ -130,8 +130,8 @@ def main(argv=None) -> int:
     print(f"FLOPs of one CFG step (UNet batch 2) at {height}x{width}, the real Kolors UNet (torch flop counter, "
           "meta device)\n")
     print(markdown_table(["branch", "deep feature", "full TFLOP", "shallow TFLOP", "full / shallow"],
-                         [[r["branch"], "x".join(map(str, r["feature"])), round(r["full_tflop"], 3),
-                           round(r["shallow_tflop"], 3), f"{r['full_tflop'] / r['shallow_tflop']:.1f}x"] for r in rows]))
+                         [[r["branch"], "x".join(map(str, r["feature"])), f"{r['full_tflop']:.2f}",
+                           f"{r['shallow_tflop']:.3f}", f"{r['full_tflop'] / r['shallow_tflop']:.1f}x"] for r in rows]))
     return 0
 
 
