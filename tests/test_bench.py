@@ -138,3 +138,21 @@ def test_samplers_against_the_euler_default(onnx_fp32, tmp_path):
     assert "| dpmpp_2m_karras 6, guidance in (0.28, 5.42] |" in proc.stdout
     bad = subprocess.run(cmd[:-2] + ["--batch", "2"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "neither --batch" in bad.stderr
+
+
+def test_unet_graphs_time_each_graph_on_the_same_step(onnx_fp32, tmp_path):
+    """bench --unet-graphs: every UNet graph of the folder (the full one with its deep-feature output, DeepCache's
+    shallow one) timed on one CFG step at the requested size; the ratio from the run's own samples."""
+    out = tmp_path / "graphs.json"
+    cmd = [sys.executable, "-m", "kolors_trt", "bench", "--onnx", str(onnx_fp32), "--size", "64x96", "--warmup", "1",
+           "--runs", "3", "--unet-graphs", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["dims"] == {"unet_batch": 2, "latent_height": 8, "latent_width": 12}
+    assert result["outputs"] == {"unet": ["noise_pred", "deep_feature"], "unet_shallow": ["noise_pred"]}
+    for name, samples in result["samples"].items():
+        assert len(samples) == 3 and result["summary"][name]["mean"] == pytest.approx(np.mean(samples) * 1e3)
+    assert result["full_over"]["unet_shallow"] == pytest.approx(
+        result["summary"]["unet"]["mean"] / result["summary"]["unet_shallow"]["mean"])
+    assert "| unet_shallow" in proc.stdout
