@@ -117,10 +117,12 @@ def _bench(args) -> int:
     defaults = {**S.SAMPLING_DEFAULTS, **manifest.get("runtime", {}).get("defaults", {})}
     height, width = args.size or (defaults["height"], defaults["width"])
     steps = args.steps if args.steps is not None else defaults["num_inference_steps"]
-    samplers = args.scheduler is not None or args.guidance_interval is not None
-    if samplers and (args.batch is not None or args.baseline or args.plot or args.server or args.compare):
-        raise B.BenchError("bench: --scheduler / --guidance-interval compare samplers of kolors-trt with its Euler "
-                           "default; they take neither --batch, --baseline, --plot, --server nor --compare")
+    samplers = args.scheduler is not None or args.guidance_interval is not None or args.deep_cache_interval is not None
+    if samplers and (args.batch is not None or args.baseline or args.plot or args.server or args.compare
+                     or args.unet_graphs):
+        raise B.BenchError("bench: --scheduler / --guidance-interval / --deep-cache-interval compare samplers and "
+                           "DeepCache of kolors-trt with its Euler default; they take neither --batch, --baseline, "
+                           "--plot, --server, --compare nor --unet-graphs")
     if args.server:
         from kolors_trt import loadgen
 
@@ -131,7 +133,8 @@ def _bench(args) -> int:
     if samplers:
         from kolors_trt import bench_samplers
 
-        chosen = bench_samplers.variants(defaults["num_inference_steps"], args.scheduler, steps, args.guidance_interval)
+        chosen = bench_samplers.variants(defaults["num_inference_steps"], args.scheduler, steps, args.guidance_interval,
+                                         args.deep_cache_interval)
         result = bench_samplers.bench_samplers(folder, args.backend, config, chosen, cuda_graph)
         result["environment"] = B.environment(result["backend"])
         print(bench_samplers.markdown(result, result["environment"]))
@@ -252,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run FOLDER (e.g. fp16 engines beside int8/fp8 ones) and compare the UNet step times")
     from kolors_trt.runtime.cli import add_sampler_arguments
 
-    add_sampler_arguments(p)  # with either: the sampler against the Euler default (UNet rows, wall time)
+    add_sampler_arguments(p, several=True)  # with any: against the Euler default (UNet rows, wall time)
     p.add_argument("--unet-graphs", action="store_true",
                    help="time one CFG step of each UNet graph of the folder (unet, and DeepCache's unet_shallow)")
     p.add_argument("--json", help="write every raw sample, the environment and the configuration here")
