@@ -171,8 +171,9 @@ class TrtBackend(Backend):
     @classmethod
     def open(cls, folder: ModelFolder, backend: str, cuda_graph: Optional[bool] = None,
              runtime_cache: Optional[Path] = None, device=None, trt=None) -> "TrtBackend":
-        """The four plans of ``folder`` on ``device`` (default ``torch.cuda``) with the ``trt`` module (default: the
-        folder's package, imported). runtime_cache: TensorRT-RTX's kernel cache file (ignored by TensorRT)."""
+        """The plans of ``folder`` (the four, and DeepCache's unet_shallow where it has one) on ``device`` (default
+        ``torch.cuda``) with the ``trt`` module (default: the folder's package, imported). runtime_cache: TensorRT-RTX's
+        kernel cache file (ignored by TensorRT)."""
         device = cuda_device() if device is None else device
         trt = check_host(folder, backend, device, trt)
         rtx = backend == "tensorrt-rtx"
