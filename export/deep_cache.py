@@ -6,7 +6,8 @@ branches ``cache_branch_id = 3 * block + layer``. On a step it skips, these modu
 returned at the last full step: every down module of a block deeper than ``block``, and of ``block``
 from ``layer`` on (a block's downsampler is its layer ``len(resnets)``); the mid block; every up
 module of a block deeper than ``block``, and of ``block`` above ``layer`` (up blocks and their layers
-are counted from the output end). ``skipped`` states that rule once, as the helper's ``is_skip_step``.
+are counted from the output end). ``skipped`` (runtime/deep_cache.py, shared with the runtime's LoRA
+check) states that rule once, as the helper's ``is_skip_step``.
 
 Of the values a skipped step reuses, one feeds a module that runs: the hidden state entering the first
 up layer that runs, the *deep feature*. Every other reused value feeds skipped modules only (the up
@@ -21,24 +22,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
+from kolors_trt.runtime.deep_cache import BRANCH_LAYERS, skipped
 from kolors_trt.runtime.errors import InputError
 
-BRANCH_LAYERS = 3  # DeepCache's cache_branch_id = 3 * block + layer
 
 
 class DeepCacheError(InputError):
     """A cache branch the UNet does not have."""
-
-
-def skipped(block: int, layer: int, kind: str, branch: int) -> bool:
-    """Whether DeepCache reuses module (``block``, ``layer``) of ``kind`` ("down" | "mid" | "up") on a step
-    it skips: DeepCacheSDHelper.is_skip_step without its step test. Up blocks and layers count from the output."""
-    cache_block, cache_layer = divmod(branch, BRANCH_LAYERS)
-    if kind == "mid" or block > cache_block:
-        return True
-    if block < cache_block:
-        return False
-    return layer >= cache_layer if kind == "down" else layer > cache_layer
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ cond rows); both loops (backend_ort.py on the host, trt_loop.py on the device) f
 
 from __future__ import annotations
 
+import re
 from typing import Optional, Sequence
 
 import numpy as np
@@ -30,6 +31,8 @@ from .errors import InputError
 from .spec import SHALLOW_UNET
 
 DEFAULT_INTERVAL = 1  # off: every step runs the full UNet
+BRANCH_LAYERS = 3  # DeepCache's cache_branch_id = 3 * block + layer
+_BLOCK_MODULE = re.compile(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.")
 
 
 class DeepCacheInputError(InputError):
@@ -52,6 +55,45 @@ def check_interval(value, folder) -> int:
             f"{folder.root} does not hold: export without --no-deep-cache (and rebuild the engines), or use "
             "deep_cache_interval 1")
     return int(value)
+
+
+def skipped(block: int, layer: int, kind: str, branch: int) -> bool:
+    """Whether DeepCache reuses module (``block``, ``layer``) of ``kind`` ("down" | "mid" | "up") on a step it
+    skips: DeepCacheSDHelper.is_skip_step without its step test. Up blocks and layers count from the output."""
+    cache_block, cache_layer = divmod(branch, BRANCH_LAYERS)
+    if kind == "mid" or block > cache_block:
+        return True
+    if block < cache_block:
+        return False
+    return layer >= cache_layer if kind == "down" else layer > cache_layer
+
+
+def in_shallow_unet(module: str, branch: int, blocks: int, layers_per_block: int) -> bool:
+    """Whether the diffusers UNet module ``module`` (a dotted path) is computed by unet_shallow at ``branch``:
+    the modules outside every block (conv_in, the time and added embeddings, conv_out) are, the mid block is not."""
+    if module.startswith("mid_block."):
+        return False
+    found = _BLOCK_MODULE.match(module)
+    if found is None:
+        return True
+    side, index, kind, layer = found.group(1), int(found.group(2)), found.group(3), int(found.group(4))
+    if side == "down":
+        return not skipped(index, layers_per_block if kind == "downsamplers" else layer, "down", branch)
+    layer = 0 if kind == "upsamplers" else layers_per_block - layer  # an up block has layers_per_block + 1 layers
+    return not skipped(blocks - 1 - index, layer, "up", branch)
+
+
+def check_loras(modules_by_adapter: dict, dims, layers_per_block: int) -> None:
+    """A LoRA that changes a module of unet_shallow cannot run under DeepCache: the shallow graph keeps the base
+    weights (LoRA fuses into the full unet only). {adapter name: its UNet modules} -> DeepCacheInputError."""
+    blocks = dims.latent_multiple.bit_length()  # latent sizes divide by 2 ** (blocks - 1)
+    for name, modules in modules_by_adapter.items():
+        inside = sorted(m for m in modules if in_shallow_unet(m, dims.deep_cache_branch, blocks, layers_per_block))
+        if inside:
+            raise DeepCacheInputError(
+                f"pipeline: LoRA {name!r} changes {len(inside)} module(s) of DeepCache's shallow UNet (e.g. "
+                f"{inside[0]}), which runs the base weights: use deep_cache_interval 1 with it, or an adapter of the "
+                "inner blocks only")
 
 
 def row_mask(evaluated: np.ndarray, interval: int) -> np.ndarray:
@@ -92,5 +134,5 @@ def pad_rows(rows: np.ndarray, fewest: int) -> np.ndarray:
     return rows
 
 
-__all__ = ["DEFAULT_INTERVAL", "DeepCacheInputError", "check_interval", "full_mask", "pad_rows", "row_mask",
-           "split_step"]
+__all__ = ["BRANCH_LAYERS", "DEFAULT_INTERVAL", "DeepCacheInputError", "check_interval", "check_loras", "full_mask",
+           "in_shallow_unet", "pad_rows", "row_mask", "skipped", "split_step"]

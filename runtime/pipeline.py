@@ -68,7 +68,7 @@ import numpy as np
 
 from .backends import open_backend
 from .cache import DEFAULT_IP_ITEMS, DEFAULT_PROMPT_ITEMS, ArrayCache, LRUCache, content_key, read_only
-from .deep_cache import full_mask
+from .deep_cache import check_loras, full_mask
 from .engine import Backend, DenoiseBatch
 from .folder import Limits, ModelFolder, read_folder, resolve_backend
 from .lora import LoraLoaderMixin, LoraManager
@@ -227,8 +227,12 @@ class Pipeline(LoraLoaderMixin):
     def check(self, request: GenerationRequest, index: int = 0) -> CheckedRequest:
         """Every check of one request, its image preprocessed and its ``loras`` resolved; no engine runs
         (RequestChecker)."""
-        checked = self.checker(request, index)
-        return dataclasses.replace(checked, loras=self.lora.resolve(request.loras))
+        checked = dataclasses.replace(self.checker(request, index), loras=self.lora.resolve(request.loras))
+        if checked.deep_cache_interval > 1 and checked.loras:  # unet_shallow runs the base weights
+            unet_map = self.lora.maps.get("unet")
+            check_loras({a.name: a.layers.get("unet", {}) for a, _ in checked.loras}, self.folder.model_dims,
+                        unet_map.layers_per_block if unet_map is not None else 2)
+        return checked
 
     def batch_limits(self, do_cfg: bool) -> tuple[int, int]:
         """(fewest, most) images of one UNet batch (RequestChecker.batch_limits)."""
