@@ -43,7 +43,7 @@ def test_json_has_every_field_with_positive_numbers(bench_run):
         assert 0 < e2e["p50"] <= e2e["p90"] <= e2e["p99"]
     assert all(x > 0 for x in result["kolors-trt"]["samples"]["image_cached"])
     assert result["peak_rss_mb"] > 0
-    assert set(result["engine_bytes"]) == {"text_encoder", "image_encoder", "unet", "vae_decoder"}
+    assert set(result["engine_bytes"]) == {"text_encoder", "image_encoder", "unet", "vae_decoder", "unet_shallow"}
     assert all(v > 0 for v in result["engine_bytes"].values())
 
 
