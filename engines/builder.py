@@ -49,7 +49,7 @@ from kolors_trt.runtime.manifest import (
     write_bytes_atomic,
     write_json_atomic,
 )
-from kolors_trt.runtime.spec import COMPONENTS, DEFAULT_PROFILE, EngineSpec, Profile, engine_specs, spec_hash, trt_profile
+from kolors_trt.runtime.spec import ALL_COMPONENTS, DEFAULT_PROFILE, EngineSpec, Profile, engine_specs, spec_hash, trt_profile
 from kolors_trt.runtime.trt_logger import trt_logger
 
 from .errors import EngineBuildError, TimingCacheError
@@ -111,7 +111,7 @@ def build_engines(
     out_dir: Path,
     target: Optional[str] = None,
     profile: Profile = DEFAULT_PROFILE,
-    components: Sequence[str] = COMPONENTS,
+    components: Optional[Sequence[str]] = None,
     opt_level: Optional[int] = None,
     timing_cache: Optional[Path] = None,
     workspace_gib: Optional[float] = None,
@@ -123,6 +123,8 @@ def build_engines(
     """Build ``components`` of the export folder ``onnx_dir`` into ``out_dir``.
 
     target: "tensorrt" | "tensorrt-rtx" | None (TensorRT with a GPU, else TensorRT-RTX).
+    components: None = every graph of the export folder (the four, and DeepCache's unet_shallow
+    where it was exported), in the spec's order.
     opt_level / workspace_gib: None keeps the builder's default.
     timing_cache: file read before and written after each build (TensorRT only).
     refit: make the UNet and text encoder plans refittable for LoRA: the weights their LoRA maps name are marked
@@ -140,10 +142,12 @@ def build_engines(
     tgt = get_target(target or default_target_name())
     trt = tgt.load()
     tgt.check_host()
+    export = read_export_folder(Path(onnx_dir))
+    if components is None:
+        components = [c for c in ALL_COMPONENTS if c in export.components]
     lora_components = [c for c in components if c in LORA_COMPONENTS] if refit else []
     if lora_components:
         tgt.check_refit()
-    export = read_export_folder(Path(onnx_dir))
     missing = [c for c in components if c not in export.components]
     if missing:
         raise ExportFolderError(

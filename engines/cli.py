@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from kolors_trt.runtime.spec import COMPONENTS, KOLORS_SIZES, DimRange, Profile, SpecError, parse_size
+from kolors_trt.runtime.spec import ALL_COMPONENTS, KOLORS_SIZES, DimRange, Profile, SpecError, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,8 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--drop-unsupported-targets", action="store_true",
                    help="build an FP8 UNet for the compute capabilities 8.9+ of the set only (default: refuse a set "
                         "with older ones); the manifest lists what the plan covers")
-    p.add_argument("--components", nargs="+", choices=COMPONENTS, default=list(COMPONENTS), help="engines to build")
+    p.add_argument("--components", nargs="+", choices=ALL_COMPONENTS, default=None,
+                   help="engines to build (default: every graph of the export folder)")
     p.add_argument("--force", action="store_true",
                    help="rebuild even when an engine is up to date; also replaces a malformed engine manifest in --out")
     return p

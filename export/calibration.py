@@ -140,6 +140,7 @@ class TorchUNet(Engine):
         with torch.no_grad():
             out = self.module(*(torch.from_numpy(np.ascontiguousarray(feeds[n])).to(device)
                                 for n in self.spec.input_names))
+        out = out[0] if isinstance(out, tuple) else out  # a DeepCache unet also returns its deep feature
         result = {"noise_pred": out.float().cpu().numpy()}
         if self.record is not None:
             self.record.append((dict(feeds), result["noise_pred"]))

@@ -168,23 +168,72 @@ class UNetGraph(nn.Module):
     """The IP-augmented Kolors UNet taking IP tokens directly (the resampler runs
     once per image in the image-encoder graph, not per step), the 4096 -> 2048
     text projection inside, and ip_scale as an input tensor with one scale per sample
-    (a batch may hold several requests, each with its own IP-Adapter scale)."""
+    (a batch may hold several requests, each with its own IP-Adapter scale).
 
-    def __init__(self, unet, kv):
+    With a DeepCache ``split`` (export/deep_cache.py) it also returns the deep feature
+    of that split, which the shallow UNet (ShallowUNetGraph) takes on the steps between."""
+
+    def __init__(self, unet, kv, split=None):
+        from .deep_cache import FeatureSlot, capture_feature
+
         super().__init__()
         self.unet = unet
         self.ip = attach_ip(unet, kv)
+        self.slot = None
+        if split is not None:
+            self.slot = FeatureSlot()
+            capture_feature(unet, split, self.slot)
 
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, ip_tokens, ip_scale):
-        dtype = self.unet.dtype
-        self.ip.tokens, self.ip.scale = ip_tokens.to(dtype), ip_scale.to(dtype)
-        out = self.unet(
-            sample.to(dtype), timestep, encoder_hidden_states=encoder_hidden_states.to(dtype),
-            added_cond_kwargs={"text_embeds": text_embeds.to(dtype), "time_ids": time_ids.to(dtype)},
-            return_dict=False,
-        )[0]
-        self.ip.tokens = self.ip.scale = None
-        return out.float()  # [2B, 4, H/8, W/8]
+        out = _unet_call(self.unet, self.ip, sample, timestep, encoder_hidden_states, text_embeds, time_ids,
+                         ip_tokens, ip_scale)  # [2B, 4, H/8, W/8]
+        if self.slot is None:
+            return out
+        feature, self.slot.value = self.slot.value, None
+        return out, feature.float()  # [2B, C_f, H/8/stride, W/8/stride]
+
+
+class ShallowUNetGraph(nn.Module):
+    """DeepCache's shallow step: the UNet without the blocks its cache branch skips, taking the deep
+    feature the full UNet (UNetGraph with the same split) output at the last full step.
+
+    Its inputs are the spec's ``unet_shallow`` inputs in order (``input_names``): the text and IP inputs only
+    when the shallow blocks hold cross-attention, then ``deep_feature``."""
+
+    def __init__(self, unet, kv, split, input_names):
+        from .deep_cache import FeatureSlot, skip_modules
+
+        super().__init__()
+        self.unet = unet
+        self.ip = attach_ip(unet, kv)
+        self.slot = FeatureSlot()
+        skip_modules(unet, split, self.slot)
+        self.input_names = list(input_names)
+
+    def forward(self, *inputs):
+        x = dict(zip(self.input_names, inputs))
+        feature = x["deep_feature"]
+        self.slot.value = feature.to(self.unet.dtype)
+        # Inputs only skipped blocks read: any tensor of the batch serves (the graph drops what feeds nothing).
+        text = x.get("encoder_hidden_states", x["text_embeds"][:, None])
+        out = _unet_call(self.unet, self.ip, x["sample"], x["timestep"], text, x["text_embeds"], x["time_ids"],
+                         x.get("ip_tokens"), x.get("ip_scale"))
+        self.slot.value = None
+        return out  # [2B, 4, H/8, W/8]
+
+
+def _unet_call(unet, ip: IPInputs, sample, timestep, encoder_hidden_states, text_embeds, time_ids, ip_tokens,
+               ip_scale):
+    dtype = unet.dtype
+    ip.tokens = None if ip_tokens is None else ip_tokens.to(dtype)
+    ip.scale = None if ip_scale is None else ip_scale.to(dtype)
+    out = unet(
+        sample.to(dtype), timestep, encoder_hidden_states=encoder_hidden_states.to(dtype),
+        added_cond_kwargs={"text_embeds": text_embeds.to(dtype), "time_ids": time_ids.to(dtype)},
+        return_dict=False,
+    )[0]
+    ip.tokens = ip.scale = None
+    return out.float()
 
 
 class VaeDecoderGraph(nn.Module):

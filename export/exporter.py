@@ -20,8 +20,9 @@ import copy
 import logging
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Optional
 
 from kolors_trt.runtime import spec as S
 from kolors_trt.runtime.errors import InputError
@@ -30,6 +31,7 @@ from kolors_trt.runtime.manifest import clean_leftovers
 from kolors_trt.runtime.preprocess import CLIP_MEAN, CLIP_STD
 
 from . import checkpoint as ck
+from . import deep_cache as D
 from . import folder as F
 from . import lora_map as LM
 from .onnx_export import OPSET, export_onnx, sample_inputs
@@ -66,16 +68,42 @@ def peak_rss_mb() -> float:
 
 def resolve_precisions(default: str = "fp16", overrides: dict | None = None) -> dict:
     """Per-component precision: `default` for the text encoder, image encoder and
-    UNet, fp32 for the VAE (the SDXL VAE overflows in fp16), then `overrides`."""
+    UNet, fp32 for the VAE (the SDXL VAE overflows in fp16), then `overrides`; the
+    shallow UNet follows the UNet (``shallow_precision``)."""
     if default not in S.PRECISIONS:
         raise PrecisionError(f"export: precision {default!r} is not one of {S.PRECISIONS}")
     out = {c: (default if c != "vae_decoder" else S.DEFAULT_PRECISION[c]) for c in S.COMPONENTS}
     for comp, prec in (overrides or {}).items():
         if comp not in S.COMPONENTS or prec not in S.COMPONENT_PRECISIONS[comp]:
-            allowed = "; ".join(f"{c}: {'/'.join(p)}" for c, p in S.COMPONENT_PRECISIONS.items())
-            raise PrecisionError(f"export: cannot set {comp}={prec}; precisions per component are {allowed}")
+            allowed = "; ".join(f"{c}: {'/'.join(p)}" for c, p in S.COMPONENT_PRECISIONS.items() if c in S.COMPONENTS)
+            follows = f" ({comp} takes the unet's precision)" if comp == S.SHALLOW_UNET else ""
+            raise PrecisionError(f"export: cannot set {comp}={prec}{follows}; precisions per component are {allowed}")
         out[comp] = prec
+    out[S.SHALLOW_UNET] = shallow_precision(out["unet"])
     return out
+
+
+def shallow_precision(unet: str) -> str:
+    """The shallow UNet's precision: the unet's; fp16 beside an 8-bit unet (calibrating it on its own would
+    buy little: at branch 0 it is about 1.4% of the UNet's FLOPs, README "DeepCache")."""
+    return unet if unet in S.PRECISIONS else "fp16"
+
+
+def with_shallow_unet(components, deep_cache_branch: Optional[int]) -> tuple:
+    """The graphs to export: the unet and its shallow half go together (one DeepCache split), the shallow one
+    only with a branch (``--no-deep-cache``: refused if asked for)."""
+    components = tuple(components)
+    if deep_cache_branch is None:
+        if S.SHALLOW_UNET in components:
+            raise InputError(f"export: {S.SHALLOW_UNET} is DeepCache's shallow UNet; --no-deep-cache leaves it out: "
+                             "drop one of the two")
+        return components
+    if "unet" not in components and S.SHALLOW_UNET not in components:
+        return components
+    unet = ("unet", S.SHALLOW_UNET)  # in this order, where the first of the two was asked for
+    first = min(components.index(c) for c in unet if c in components)
+    rest = [c for c in components if c not in unet]
+    return tuple(rest[:first] + list(unet) + rest[first:])
 
 
 def export_dims(model: S.ModelDims) -> dict:
@@ -94,11 +122,13 @@ class Components:
     at a time (the 6.2 B text encoder alone is 25 GB in fp32)."""
 
     _FOR_GRAPH = {"text_encoder": ("text_encoder",), "image_encoder": ("clip",), "unet": ("unet",),
-                  "vae_decoder": ("vae",)}
+                  S.SHALLOW_UNET: ("unet",), "vae_decoder": ("vae",)}
 
-    def __init__(self, paths: ck.CheckpointPaths):
+    def __init__(self, paths: ck.CheckpointPaths, deep_cache_branch: Optional[int] = None):
         self.paths = paths
-        self.dims = ck.model_dims(paths)
+        config = ck.read_config(paths.unet)
+        self.dims = replace(ck.model_dims(paths), **D.feature_dims(config, deep_cache_branch))
+        self.split = None if deep_cache_branch is None else D.split(config, deep_cache_branch)
         self._loaded: dict = {}
 
     def _get(self, key: str, load):
@@ -143,12 +173,15 @@ class Components:
 
         return self._get("ip", load)
 
-    def release(self, name: str) -> None:
-        """Drop the modules only graph `name` uses (the IP weights stay: two graphs share them)."""
+    def release(self, name: str, later: tuple = ()) -> None:
+        """Drop the modules graph `name` uses and no graph in `later` does (the IP weights stay: the image
+        encoder and the UNets share them)."""
         import gc
 
+        needed = {key for other in later for key in self._FOR_GRAPH[other]}
         for key in self._FOR_GRAPH[name]:
-            self._loaded.pop(key, None)
+            if key not in needed:
+                self._loaded.pop(key, None)
         gc.collect()
 
     def graph(self, name: str, precision: str):
@@ -156,7 +189,7 @@ class Components:
         stay the reference)."""
         import torch
 
-        from .components import ImageEncoderGraph, TextEncoderGraph, UNetGraph, VaeDecoderGraph
+        from .components import ImageEncoderGraph, ShallowUNetGraph, TextEncoderGraph, UNetGraph, VaeDecoderGraph
 
         dtype = torch.float16 if precision == "fp16" else torch.float32
 
@@ -168,7 +201,10 @@ class Components:
         if name == "image_encoder":
             return ImageEncoderGraph(cast(self.clip), cast(self.resampler)).eval()
         if name == "unet":
-            return UNetGraph(copy.deepcopy(self.unet).to(dtype), self.kv).eval()
+            return UNetGraph(copy.deepcopy(self.unet).to(dtype), self.kv, self.split).eval()
+        if name == S.SHALLOW_UNET:
+            inputs = S.engine_specs(self.dims)[name].input_names
+            return ShallowUNetGraph(copy.deepcopy(self.unet).to(dtype), self.kv, self.split, inputs).eval()
         if name == "vae_decoder":
             return VaeDecoderGraph(cast(self.vae)).eval()
         raise KeyError(name)
@@ -179,6 +215,7 @@ class Components:
             "text_encoder": ck.read_config(p.text_encoder),
             "image_encoder": ck.read_config(p.image_encoder),
             "unet": ck.read_config(p.unet),
+            S.SHALLOW_UNET: {**ck.read_config(p.unet), "deep_cache_branch": self.dims.deep_cache_branch},
             "vae_decoder": ck.read_config(p.vae),
             "resampler": {"num_queries": int(self.resampler.latents.shape[1]),
                           "hidden_dims": int(self.resampler.latents.shape[2]), "depth": len(self.resampler.layers)},
@@ -227,42 +264,50 @@ def quiet_libraries() -> None:
 
 def export_all(weights: Path, ip_adapter: Path, out: Path, precisions: dict,
                components: tuple = S.COMPONENTS, progress: bool = True, force: bool = False,
-               calibration=None) -> list[ExportResult]:
+               calibration=None, deep_cache_branch: Optional[int] = S.DEFAULT_DEEP_CACHE_BRANCH) -> list[ExportResult]:
     """Export, validate and hash every requested component; write the manifest.
 
     A UNet at int8 or fp8 is calibrated with ``calibration`` (export.calibration.Calibration;
     None: NVIDIA's recipe) in the pipeline of this export's other graphs, so it is exported last
-    (export/quantized_unet.py). Skipped ("up-to-date" results) when ``out`` already verifies and
+    (export/quantized_unet.py). ``deep_cache_branch`` (DeepCache's cache_branch_id; None: no split)
+    adds the shallow UNet to the unet, and the deep feature to the unet's outputs
+    (export/deep_cache.py). Skipped ("up-to-date" results) when ``out`` already verifies and
     holds these components from the same checkpoint fingerprint at these precisions (and the same
-    calibration), unless ``force``. Adding some components to a folder of another checkpoint is
-    refused (folder.check_addition)."""
+    calibration and split), unless ``force``. Adding some components to a folder of another
+    checkpoint is refused (folder.check_addition)."""
     from tqdm import tqdm
 
     paths = ck.resolve(weights, ip_adapter)
+    components = with_shallow_unet(components, deep_cache_branch)
     out = Path(out)
     fingerprint = ck.fingerprint(paths)
     cal = _calibration(precisions, components, calibration)
+    precisions = {**precisions, S.SHALLOW_UNET: shallow_precision(precisions["unet"])}
     old, problem = F.existing_folder(out)
     clean_leftovers(out)  # what an interrupted or killed export left, also when this one is skipped
-    if not force and F.up_to_date(old, fingerprint, precisions, components, cal.sha256() if cal else None):
+    comps = Components(paths, deep_cache_branch)
+    # The split is the unet's: a folder whose unet is kept keeps its split.
+    keep_split = "unet" not in components and old is not None
+    dims = comps.dims
+    if keep_split:
+        dims = replace(dims, **{k: getattr(old.model_dims, k) for k in S.DEEP_CACHE_FIELDS})
+    if not force and F.up_to_date(old, fingerprint, precisions, components, dims, cal.sha256() if cal else None):
         logger.info("%s: up to date (checkpoint fingerprint %s...)", out, fingerprint[:12])
         return [_up_to_date_result(old.components[name]) for name in components]
-    dims = ck.model_dims(paths)
     runtime = runtime_constants(paths, dims)
-    if set(components) != set(S.COMPONENTS):
+    if set(components) - {S.SHALLOW_UNET} != set(S.COMPONENTS):
         tokenizer = sha256_file(F.asset_sources(paths)["tokenizer/tokenizer.model"])
         F.check_addition(out, old, problem, components, dims, tokenizer, runtime)
     quiet_libraries()
     out.mkdir(parents=True, exist_ok=True)
-    comps = Components(paths)
-    specs = S.engine_specs(comps.dims)
+    specs = S.engine_specs(dims)
     results, entries, staged = [], {}, {}
     # A quantized UNet is calibrated in the pipeline of the other graphs: it goes last.
     order = sorted(components, key=lambda c: c == "unet" and cal is not None)
     try:
         # The bar as a context: closed (its line ended) before an interrupt's message is printed.
         with tqdm(order, desc="export", unit="graph", disable=not progress) as bar:
-            for name in bar:
+            for index, name in enumerate(bar):
                 precision = precisions[name]
                 bar.set_postfix_str(f"{name} {precision}")
                 staged[name] = F.stage_dir(out, name)
@@ -283,7 +328,7 @@ def export_all(weights: Path, ip_adapter: Path, out: Path, precisions: dict,
                     reference = comps.graph(name, "fp32")
                     parity = validate(spec, precision, file, reference, values, sample_inputs(spec, values, seed=1))
                     del reference
-                comps.release(name)
+                comps.release(name, later=order[index + 1:])
                 if name in LM.LORA_COMPONENTS:
                     LM.write_lora_map(staged[name], name, _lora_map(prints, file, name, precision))
                 fields = F.graph_fields(staged[name], name)
@@ -297,7 +342,9 @@ def export_all(weights: Path, ip_adapter: Path, out: Path, precisions: dict,
             for name, entry in entries.items():
                 entry["config"] = configs[name]
             extra = {"resampler": configs["resampler"]}
-            F.commit(out, staged, lambda: F.write_manifest(out, paths, dims, runtime, entries, old, extra))
+            # A re-exported unet replaces its split: an older shallow UNet goes unless exported with it.
+            drop = (S.SHALLOW_UNET,) if "unet" in entries and S.SHALLOW_UNET not in entries else ()
+            F.commit(out, staged, lambda: F.write_manifest(out, paths, dims, runtime, entries, old, extra, drop), drop)
     finally:
         F.remove_stages(staged)
     return results

@@ -84,11 +84,14 @@ def existing_folder(out: Path) -> tuple[Optional[ExportFolder], Optional[Excepti
 
 
 def up_to_date(old: Optional[ExportFolder], fingerprint: str, precisions: Mapping, components,
-               calibration: Optional[str] = None) -> bool:
-    """The folder verified, is of this export version, and holds every requested component
+               dims: S.ModelDims, calibration: Optional[str] = None) -> bool:
+    """The folder verified, is of this export version, holds every requested component
     exported from this checkpoint (same fingerprint) at the requested precision; a quantized
-    UNet also from the same calibration (its sha256, ``calibration``)."""
+    UNet also from the same calibration (its sha256, ``calibration``); and (when the unet is
+    requested) its DeepCache split is ``dims``'."""
     if old is None or not old.assets:  # no assets hashes: written before fingerprints were recorded
+        return False
+    if "unet" in components and any(getattr(old.model_dims, k) != getattr(dims, k) for k in S.DEEP_CACHE_FIELDS):
         return False
     for name in components:
         comp = old.components.get(name)
@@ -111,7 +114,9 @@ def check_addition(out: Path, old: Optional[ExportFolder], problem: Optional[Exc
         return
     found = []
     new_dims, old_dims = asdict(dims), asdict(old.model_dims)
-    found += [f"model_dims.{k} {old_dims[k]} -> {v}" for k, v in new_dims.items() if old_dims[k] != v]
+    # The DeepCache split is the unet's alone: re-exporting the unet may change it.
+    found += [f"model_dims.{k} {old_dims[k]} -> {v}" for k, v in new_dims.items()
+              if old_dims[k] != v and k not in S.DEEP_CACHE_FIELDS]
     old_tokenizer = tokenizer_sha256(old)
     if old_tokenizer != tokenizer:
         found.append(f"tokenizer.model sha256 {old_tokenizer[:12]}... -> {tokenizer[:12]}...")
@@ -145,8 +150,9 @@ def graph_fields(folder: Path, name: str) -> dict:
     return fields
 
 
-def commit(out: Path, staged: Mapping[str, Path], write_manifest: Callable[[], dict]) -> dict:
-    """Move each staged graph into ``out`` and write the manifest, interrupts held back."""
+def commit(out: Path, staged: Mapping[str, Path], write_manifest: Callable[[], dict], drop: tuple = ()) -> dict:
+    """Move each staged graph into ``out`` and write the manifest, interrupts held back; then remove the
+    files of the graphs in ``drop`` (the manifest no longer names them)."""
     out = Path(out)
     with deferred_interrupts():
         for name, stage in staged.items():
@@ -157,7 +163,11 @@ def commit(out: Path, staged: Mapping[str, Path], write_manifest: Callable[[], d
                 else:
                     (out / extra).unlink(missing_ok=True)  # an older export's; nothing names it now
             os.replace(stage / f"{name}.onnx", out / f"{name}.onnx")
-        return write_manifest()
+        manifest = write_manifest()
+        for name in drop:
+            for file in (f"{name}.onnx", f"{name}.onnx.data"):
+                (out / file).unlink(missing_ok=True)
+        return manifest
 
 
 def remove_stages(staged: Mapping[str, Path]) -> None:
@@ -166,10 +176,10 @@ def remove_stages(staged: Mapping[str, Path]) -> None:
 
 
 def write_manifest(out: Path, paths: ck.CheckpointPaths, dims: S.ModelDims, runtime: Mapping, entries: Mapping,
-                   keep: Optional[ExportFolder] = None, extra: Optional[Mapping] = None) -> dict:
+                   keep: Optional[ExportFolder] = None, extra: Optional[Mapping] = None, drop: tuple = ()) -> dict:
     """Copy the assets and write ``out/manifest.json`` (atomically): ``entries`` plus the
-    entries of ``keep`` (an earlier export into this folder) that were not re-exported."""
-    kept = {n: c.entry for n, c in (keep.components.items() if keep else ()) if n not in entries}
+    entries of ``keep`` (an earlier export into this folder) that were not re-exported, less ``drop``."""
+    kept = {n: c.entry for n, c in (keep.components.items() if keep else ()) if n not in entries and n not in drop}
     manifest = {
         "format": S.EXPORT_FORMAT,
         "version": S.EXPORT_VERSION,

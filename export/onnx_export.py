@@ -232,10 +232,8 @@ def name_dims(model, spec: S.EngineSpec) -> None:
         for dim, entry in zip(dims, t.shape):
             if isinstance(entry, int):
                 dim.dim_value = entry
-            elif isinstance(entry, str):
-                dim.dim_param = entry
             else:
-                dim.dim_param = f"{entry[0]}*{entry[1]}"
+                dim.dim_param = S.dim_label(entry)
 
 
 def _size_known(model) -> bool:

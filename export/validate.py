@@ -48,8 +48,7 @@ def check_signature(spec: S.EngineSpec, model) -> None:
             if len(dims) != len(t.shape):
                 raise ValidationError(f"{spec.name}: {kind} {t.name!r} has rank {len(dims)}, the spec says {t.shape}")
             for axis, (entry, dim) in enumerate(zip(t.shape, dims)):
-                ok = dim == (entry if isinstance(entry, (int, str)) else f"{entry[0]}*{entry[1]}")
-                if not ok:
+                if dim != S.dim_label(entry):
                     raise ValidationError(f"{spec.name}: {kind} {t.name!r} axis {axis} is {dim!r}, "
                                           f"the spec says {entry!r}")
 

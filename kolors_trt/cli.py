@@ -51,8 +51,10 @@ def _export(args) -> int:
 
     precisions = resolve_precisions(args.precision, dict(args.component_precision or []))
     cal = _calibration_args(args, precisions["unet"])
+    branch = None if args.no_deep_cache else args.deep_cache_branch
     results = export_all(Path(args.weights), Path(args.ip_adapter), Path(args.out), precisions,
-                         tuple(args.components or S.COMPONENTS), force=args.force, calibration=cal)
+                         tuple(args.components or S.COMPONENTS), force=args.force, calibration=cal,
+                         deep_cache_branch=branch)
     if all(r.status == UP_TO_DATE for r in results):
         print(f"{args.out}: up to date (same checkpoint, precisions and export version; --force re-exports)")
         return 0
@@ -115,10 +117,12 @@ def _bench(args) -> int:
     defaults = {**S.SAMPLING_DEFAULTS, **manifest.get("runtime", {}).get("defaults", {})}
     height, width = args.size or (defaults["height"], defaults["width"])
     steps = args.steps if args.steps is not None else defaults["num_inference_steps"]
-    samplers = args.scheduler is not None or args.guidance_interval is not None
-    if samplers and (args.batch is not None or args.baseline or args.plot or args.server or args.compare):
-        raise B.BenchError("bench: --scheduler / --guidance-interval compare samplers of kolors-trt with its Euler "
-                           "default; they take neither --batch, --baseline, --plot, --server nor --compare")
+    samplers = args.scheduler is not None or args.guidance_interval is not None or args.deep_cache_interval is not None
+    if samplers and (args.batch is not None or args.baseline or args.plot or args.server or args.compare
+                     or args.unet_graphs):
+        raise B.BenchError("bench: --scheduler / --guidance-interval / --deep-cache-interval compare samplers and "
+                           "DeepCache of kolors-trt with its Euler default; they take neither --batch, --baseline, "
+                           "--plot, --server, --compare nor --unet-graphs")
     if args.server:
         from kolors_trt import loadgen
 
@@ -129,10 +133,19 @@ def _bench(args) -> int:
     if samplers:
         from kolors_trt import bench_samplers
 
-        chosen = bench_samplers.variants(defaults["num_inference_steps"], args.scheduler, steps, args.guidance_interval)
+        chosen = bench_samplers.variants(defaults["num_inference_steps"], args.scheduler, steps, args.guidance_interval,
+                                         args.deep_cache_interval)
         result = bench_samplers.bench_samplers(folder, args.backend, config, chosen, cuda_graph)
         result["environment"] = B.environment(result["backend"])
         print(bench_samplers.markdown(result, result["environment"]))
+        B.write_outputs(result, args.json, None)
+        return 0
+    if args.unet_graphs:
+        from kolors_trt import bench_graphs
+
+        result = bench_graphs.bench_unet_graphs(folder, args.backend, config, cuda_graph)
+        result["environment"] = B.environment(result["backend"])
+        print(bench_graphs.markdown(result, result["environment"]))
         B.write_outputs(result, args.json, None)
         return 0
     if args.batch is not None:
@@ -190,7 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--component-precision", action="append", type=_component_precision, metavar="NAME=P",
                    help="per-component override, e.g. vae_decoder=fp16, text_encoder=fp32, or unet=int8 / unet=fp8 "
                         "(8-bit UNet, calibrated; see below) (repeatable)")
-    p.add_argument("--components", nargs="+", choices=S.COMPONENTS, help="export only these")
+    p.add_argument("--components", nargs="+", choices=S.ALL_COMPONENTS,
+                   help="export only these (the unet and unet_shallow go together)")
+    p.add_argument("--deep-cache-branch", type=int, default=S.DEFAULT_DEEP_CACHE_BRANCH, metavar="N",
+                   help="DeepCache: also export unet_shallow, the UNet without the blocks below skip branch N "
+                        "(DeepCache's cache_branch_id, 3 * block + layer; default %(default)s, the outermost), and the "
+                        "deep feature as an output of unet; generate --deep-cache-interval uses them (an 8-bit unet's "
+                        "shallow half is fp16)")
+    p.add_argument("--no-deep-cache", action="store_true", help="export the unet alone, without DeepCache's split")
     q = p.add_argument_group("8-bit UNet (--component-precision unet=int8|fp8; defaults: NVIDIA's SDXL recipe)")
     q.add_argument("--calibration-prompts", metavar="FILE",
                    help="calibration prompts, one a line (default: the built-in set, NVIDIA's SDXL calibration prompts)")
@@ -235,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run FOLDER (e.g. fp16 engines beside int8/fp8 ones) and compare the UNet step times")
     from kolors_trt.runtime.cli import add_sampler_arguments
 
-    add_sampler_arguments(p)  # with either: the sampler against the Euler default (UNet rows, wall time)
+    add_sampler_arguments(p, several=True)  # with any: against the Euler default (UNet rows, wall time)
+    p.add_argument("--unet-graphs", action="store_true",
+                   help="time one CFG step of each UNet graph of the folder (unet, and DeepCache's unet_shallow)")
     p.add_argument("--json", help="write every raw sample, the environment and the configuration here")
     p.add_argument("--plot", help="write a PNG of per-stage time here")
     p.add_argument("--server", metavar="URL", help="load-test a running kolors-trt serve at URL instead (the folder "

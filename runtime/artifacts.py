@@ -47,7 +47,7 @@ from .manifest import (
 from .manifest import field as typed
 from .spec import (
     COMPONENT_PRECISIONS,
-    COMPONENTS,
+    ALL_COMPONENTS,
     ENGINE_FORMAT,
     EXPORT_FORMAT,
     EXPORT_VERSION,
@@ -128,8 +128,8 @@ def read_export_folder(root: Path, verify: bool = True) -> ExportFolder:
     listing = typed(m, "components", "object", path)
     comps, files = {}, {}
     for name in listing:
-        if name not in COMPONENTS:
-            log.warning("%s: ignoring unknown component %r (known: %s)", path, name, COMPONENTS)
+        if name not in ALL_COMPONENTS:
+            log.warning("%s: ignoring unknown component %r (known: %s)", path, name, ALL_COMPONENTS)
             continue
         comps[name] = _component(root, path, m, name)
         files[comps[name].onnx.relative_to(root).as_posix()] = comps[name].sha256

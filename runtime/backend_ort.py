@@ -22,10 +22,12 @@ from typing import Callable, Hashable, Mapping, Optional
 
 import numpy as np
 
-from .engine import Backend, DenoiseBatch, Engine, FusedWeights, StepCallback, guidance_column, step_rows
+from .deep_cache import pad_rows, split_step
+from .engine import (Backend, DenoiseBatch, Engine, FusedWeights, StepCallback, conditioning_rows, guidance_column,
+                     step_rows)
 from .folder import BackendError, FolderError, ModelFolder
 from .samplers import SamplerTables, sampler_step
-from .spec import COMPONENTS, EngineSpec
+from .spec import ALL_COMPONENTS, SHALLOW_UNET, EngineSpec
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +132,7 @@ class OrtBackend(Backend):
     @classmethod
     def open(cls, folder: ModelFolder) -> "OrtBackend":
         specs = folder.specs
-        return cls({name: OrtEngine(specs[name], folder.files[name]) for name in COMPONENTS})
+        return cls({name: OrtEngine(specs[name], folder.files[name]) for name in ALL_COMPONENTS if name in folder.files})
 
     def denoise(self, batch: DenoiseBatch, sampler: SamplerTables, on_step: Optional[StepCallback] = None) -> np.ndarray:
         unet = self.engines["unet"]
@@ -138,15 +140,19 @@ class OrtBackend(Backend):
         x = batch.latents
         previous = [np.zeros_like(x)] * max(sampler.history - 1, 0)  # the last data predictions, newest first
         base = x  # UniPC's corrected sample of the previous step
+        cache = _FeatureCache(self.engines, batch)
         for i, t in enumerate(sampler.timesteps):
             k = sampler.at(i)
             guided, rows = step_rows(batch.cfg[i], fewest)
             sample = np.concatenate([x[guided], x]) / k.divisor  # [rows, C, h, w]: the guided uncond rows, then cond
-            if len(rows) > len(sample):
-                sample = np.concatenate([sample, np.repeat(sample[-1:], len(rows) - len(sample), axis=0)])
-            feeds = {"sample": sample, "timestep": np.array([t], dtype=np.float32),
-                     **{name: value[rows] for name, value in batch.conditioning.items()}}
-            noise = unet.run(feeds, finite=False)["noise_pred"]  # rows of several requests: checked per request
+            if batch.full is not None:
+                noise = cache.step(sample, t, rows, batch, batch.full[i])
+            else:
+                if len(rows) > len(sample):
+                    sample = np.concatenate([sample, np.repeat(sample[-1:], len(rows) - len(sample), axis=0)])
+                feeds = {"sample": sample, "timestep": np.array([t], dtype=np.float32),
+                         **{name: value[rows] for name, value in batch.conditioning.items()}}
+                noise = unet.run(feeds, finite=False)["noise_pred"]  # rows of several requests: checked per request
             uncond, model_output = noise[: len(guided)], noise[len(guided): len(guided) + len(x)]
             if len(guided):
                 g = guidance_column(batch.guidance[guided])
@@ -161,8 +167,48 @@ class OrtBackend(Backend):
                     return x[:0]
                 x, base = x[keep], base[keep]
                 previous = [p[keep] for p in previous]
+                cache.keep(keep, batch.n)
                 batch = batch.keep(keep, x)
         return x
+
+
+class _FeatureCache:
+    """DeepCache on the host: the deep feature of each conditioning row's last full step, and a step's UNet
+    rows run on the graph ``DenoiseBatch.full`` names for each (deep_cache.py)."""
+
+    def __init__(self, engines: Mapping[str, Engine], batch: DenoiseBatch):
+        self.unet, self.shallow = engines["unet"], engines.get(SHALLOW_UNET)
+        self.features: Optional[np.ndarray] = None  # [2n, F, h', w'], filled by full steps
+
+    def step(self, sample: np.ndarray, t, rows: np.ndarray, batch: DenoiseBatch, full_step: np.ndarray) -> np.ndarray:
+        """The noise of the step's unpadded UNet rows (``sample`` [count, ...], ``rows`` its conditioning rows)."""
+        count = len(sample)
+        on_full, on_shallow = split_step(rows, count, full_step)
+        noise = np.empty_like(sample)
+        timestep = np.array([t], dtype=np.float32)
+        if len(on_full):
+            picks = pad_rows(on_full, self.unet.spec.dims["unet_batch"].min)
+            feeds = {"sample": sample[picks], "timestep": timestep,
+                     **{name: value[rows[picks]] for name, value in batch.conditioning.items()}}
+            out = self.unet.run(feeds, finite=False)
+            if self.features is None:
+                self.features = np.zeros((2 * batch.n, *out["deep_feature"].shape[1:]), np.float32)
+            noise[on_full] = out["noise_pred"][: len(on_full)]
+            self.features[rows[on_full]] = out["deep_feature"][: len(on_full)]
+        if len(on_shallow):
+            if self.shallow is None or self.features is None:
+                raise BackendError(f"{SHALLOW_UNET}: a shallow step without the graph or a full step before it; "
+                                   "the DeepCache mask is wrong (deep_cache.full_mask)")
+            picks = pad_rows(on_shallow, self.shallow.spec.dims["unet_batch"].min)
+            names = self.shallow.spec.input_names
+            feeds = {"sample": sample[picks], "timestep": timestep, "deep_feature": self.features[rows[picks]],
+                     **{name: value[rows[picks]] for name, value in batch.conditioning.items() if name in names}}
+            noise[on_shallow] = self.shallow.run(feeds, finite=False)["noise_pred"][: len(on_shallow)]
+        return noise
+
+    def keep(self, keep: list, n: int) -> None:
+        if self.features is not None:
+            self.features = self.features[conditioning_rows(keep, n)]
 
 
 def _put(values: np.ndarray, rows: np.ndarray, new: np.ndarray) -> np.ndarray:

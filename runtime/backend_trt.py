@@ -44,7 +44,7 @@ from .device import cuda_device, host_copy
 from .engine import UNKNOWN_WEIGHTS, Backend, DenoiseBatch, Engine, FusedWeights, StepCallback, WeightSwapError
 from .folder import BackendError, ModelFolder
 from .samplers import SamplerTables
-from .spec import COMPONENTS, EngineSpec, dim_values, shape_of
+from .spec import ALL_COMPONENTS, SHALLOW_UNET, EngineSpec, dim_values, shape_of
 from .trt_logger import trt_logger
 from .trt_loop import denoise_device
 from .trt_plans import DeviceMemory, RuntimeCacheFile, check_host, new_context, read_plan, weight_bytes
@@ -171,8 +171,9 @@ class TrtBackend(Backend):
     @classmethod
     def open(cls, folder: ModelFolder, backend: str, cuda_graph: Optional[bool] = None,
              runtime_cache: Optional[Path] = None, device=None, trt=None) -> "TrtBackend":
-        """The four plans of ``folder`` on ``device`` (default ``torch.cuda``) with the ``trt`` module (default: the
-        folder's package, imported). runtime_cache: TensorRT-RTX's kernel cache file (ignored by TensorRT)."""
+        """The plans of ``folder`` (the four, and DeepCache's unet_shallow where it has one) on ``device`` (default
+        ``torch.cuda``) with the ``trt`` module (default: the folder's package, imported). runtime_cache: TensorRT-RTX's
+        kernel cache file (ignored by TensorRT)."""
         device = cuda_device() if device is None else device
         trt = check_host(folder, backend, device, trt)
         rtx = backend == "tensorrt-rtx"
@@ -182,14 +183,15 @@ class TrtBackend(Backend):
             runtime_cache = None
         stream = device.Stream()
         runtime = trt.Runtime(trt_logger(trt))
-        plans = {name: read_plan(runtime, folder.files[name], trt) for name in COMPONENTS}
+        names = [name for name in ALL_COMPONENTS if name in folder.files]  # unet_shallow where the folder has it
+        plans = {name: read_plan(runtime, folder.files[name], trt) for name in names}
         memory = DeviceMemory(device, max(int(p.device_memory_size_v2) for p in plans.values()))
         cache = RuntimeCacheFile(plans["unet"], runtime_cache) if runtime_cache is not None else None
         graphs = folder.profile.is_static if cuda_graph is None else bool(cuda_graph)
         specs = folder.specs
         engines = {}
-        for name in COMPONENTS:
-            unet_graphs = graphs and name == "unet"
+        for name in names:
+            unet_graphs = graphs and name in ("unet", SHALLOW_UNET)
             # TensorRT-RTX captures and replays its own launches (IRuntimeConfig cuda_graph_strategy), the
             # documented way to use CUDA graphs with its just-in-time kernels.
             make = functools.partial(new_context, trt, memory=memory, rtx=rtx, runtime_graphs=unet_graphs and rtx,
@@ -213,7 +215,7 @@ class TrtBackend(Backend):
             self.jit_cache.save_if_dirty()
 
     def denoise(self, batch: DenoiseBatch, sampler: SamplerTables, on_step: Optional[StepCallback] = None) -> np.ndarray:
-        return denoise_device(self.engines["unet"], batch, sampler, on_step)
+        return denoise_device(self.engines["unet"], batch, sampler, on_step, self.engines.get(SHALLOW_UNET))
 
 
 __all__ = ["TrtBackend", "TrtEngine"]

@@ -4,6 +4,7 @@
     kolors-trt generate --onnx out/onnx --image ref.png --prompt "..." --out out.png --steps 4
     kolors-trt generate ... --scheduler dpmpp_2m_karras --steps 25 --guidance-interval 0.28:5.42
     kolors-trt generate --onnx out/onnx ... --lora style.safetensors:0.8 --lora detail.safetensors
+    kolors-trt generate ... --deep-cache-interval 3
 
 Defaults of the sampling arguments are the model folder's manifest
 (``runtime.defaults``): the parser leaves them unset. Several images go to
@@ -58,14 +59,19 @@ def interval(text: str) -> tuple[float, float]:
         raise argparse.ArgumentTypeError(f"expected LOW:HIGH in sigma units (e.g. 0.28:5.42), got {text!r}") from None
 
 
-def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
-    """--scheduler / --guidance-interval: the sampler and where classifier-free guidance applies."""
+def add_sampler_arguments(p: argparse.ArgumentParser, several: bool = False) -> None:
+    """--scheduler / --guidance-interval / --deep-cache-interval: the sampler, where classifier-free guidance
+    applies, and DeepCache's interval (``several``: bench takes a list)."""
     p.add_argument("--scheduler", choices=list(SAMPLERS), default=None,
                    help="sampler, built from the folder's scheduler config as diffusers' from_config "
                         "(default: the manifest's, else euler)")
     p.add_argument("--guidance-interval", type=interval, default=None, metavar="LOW:HIGH",
                    help="guidance only at steps whose sigma is in (LOW, HIGH]; the other steps skip the "
                         "unconditional UNet row (Kynkaanniemi et al. 2024 use 0.28:5.42 for SD-XL)")
+    p.add_argument("--deep-cache-interval", type=int, default=None, metavar="N", nargs="+" if several else None,
+                   help="DeepCache: the full UNet every N steps, the shallow UNet on the cached deep feature between "
+                        "(default 1: off; needs an export with its shallow UNet)"
+                        + ("; several values: one configuration each" if several else ""))
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
@@ -156,6 +162,7 @@ def run_generate(args) -> int:
         scheduler=args.scheduler,
         guidance_interval=args.guidance_interval,
         loras=loras,
+        deep_cache_interval=args.deep_cache_interval,
         progress=not args.no_progress,
     )
     params = dict(result.parameters, image=args.image)

@@ -38,9 +38,15 @@ current latents (a GPU backend copies them to the host only when asked).
 an empty list to stop. The loop returns the latents of the rows still kept, finite
 or not: the pipeline checks them per request.
 
-Further per-row state (a second UNet graph's feature cache, per-row weights) joins
-``DenoiseBatch`` as more [n, ...] or [steps, n] arrays, dropped with the rows by
-``DenoiseBatch.keep``.
+DeepCache (deep_cache.py): ``full`` [steps, 2n] says which conditioning rows run
+the full ``unet`` at step i (None: all of them, every step); the others run
+``unet_shallow`` on the deep feature their last full step output, which the loop
+keeps per conditioning row. A step whose rows split between the graphs runs each
+graph on its rows (``deep_cache.split_step``, each call padded to the profile's
+smallest batch on its own) and puts the noise back in ``step_rows`` order.
+
+Further per-row state (per-row weights) joins ``DenoiseBatch`` as more [n, ...] or
+[steps, n] arrays, dropped with the rows by ``DenoiseBatch.keep``.
 """
 
 from __future__ import annotations
@@ -118,6 +124,7 @@ class DenoiseBatch:
     guidance: np.ndarray  # [n] float32
     cfg: np.ndarray  # [steps, n] bool
     noise: Optional[np.ndarray] = None  # [steps, n, C, h, w] float32 (stochastic samplers)
+    full: Optional[np.ndarray] = None  # [steps, 2n] bool: conditioning rows on the full unet (DeepCache); None: all
 
     @property
     def n(self) -> int:
@@ -129,7 +136,8 @@ class DenoiseBatch:
         pairs = conditioning_rows(rows, self.n)
         return replace(self, latents=latents, conditioning={k: v[pairs] for k, v in self.conditioning.items()},
                        guidance=self.guidance[rows], cfg=self.cfg[:, rows],
-                       noise=None if self.noise is None else self.noise[:, rows])
+                       noise=None if self.noise is None else self.noise[:, rows],
+                       full=None if self.full is None else self.full[:, pairs])
 
 
 class Backend:

@@ -39,6 +39,7 @@ from .manifest import FolderError, StaleFileError, verify_files
 from .spec import (
     COMPONENTS,
     DEFAULT_PROFILE,
+    SHALLOW_UNET,
     ENGINE_FORMAT,
     EXPORT_FORMAT,
     DimRange,
@@ -139,6 +140,9 @@ def read_folder(root: str | Path, verify: bool = True, limits: Optional[Limits] 
     missing = [c for c in COMPONENTS if c not in folder.files]
     if missing:
         raise FolderError(f"{path}: lists no {', '.join(missing)}; the pipeline needs all of {COMPONENTS}")
+    if SHALLOW_UNET in folder.files and not folder.model_dims.deep_cache:
+        raise FolderError(f"{path}: lists {SHALLOW_UNET} but its model_dims hold no DeepCache split "
+                          f"(deep_feature_channels 0); re-export with kolors-trt export")
     return folder
 
 

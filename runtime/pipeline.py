@@ -35,8 +35,9 @@ batch; each row keeps its own prompt and negative embeddings, IP tokens, IP scal
 (a per-row UNet input), guidance scale and guidance interval (a per-row CFG
 combine; a row outside its interval adds no unconditional row to the step's UNet
 batch) and seed (diffusers' per-generator noise), so a batched request gives its
-solo result. ``generate`` is the one-request case. ``stats()["unet_rows"]``
-counts the UNet batch rows evaluated. A request fails alone: its rows are checked
+solo result. DeepCache's interval (deep_cache.py) is per row too. ``generate`` is
+the one-request case. ``stats()["unet_rows"]`` counts the UNet batch rows evaluated
+per graph ("unet", "unet_shallow"). A request fails alone: its rows are checked
 for NaN/Inf on their own (the loops leave that check to the pipeline), so one
 request's overflow, or a prompt the tokenizer refuses, fails that request
 (``Generation.error``) and not its batch.
@@ -67,6 +68,7 @@ import numpy as np
 
 from .backends import open_backend
 from .cache import DEFAULT_IP_ITEMS, DEFAULT_PROMPT_ITEMS, ArrayCache, LRUCache, content_key, read_only
+from .deep_cache import check_loras, full_mask
 from .engine import Backend, DenoiseBatch
 from .folder import Limits, ModelFolder, read_folder, resolve_backend
 from .lora import LoraLoaderMixin, LoraManager
@@ -225,8 +227,12 @@ class Pipeline(LoraLoaderMixin):
     def check(self, request: GenerationRequest, index: int = 0) -> CheckedRequest:
         """Every check of one request, its image preprocessed and its ``loras`` resolved; no engine runs
         (RequestChecker)."""
-        checked = self.checker(request, index)
-        return dataclasses.replace(checked, loras=self.lora.resolve(request.loras))
+        checked = dataclasses.replace(self.checker(request, index), loras=self.lora.resolve(request.loras))
+        if checked.deep_cache_interval > 1 and checked.loras:  # unet_shallow runs the base weights
+            unet_map = self.lora.maps.get("unet")
+            check_loras({a.name: a.layers.get("unet", {}) for a, _ in checked.loras}, self.folder.model_dims,
+                        unet_map.layers_per_block if unet_map is not None else 2)
+        return checked
 
     def batch_limits(self, do_cfg: bool) -> tuple[int, int]:
         """(fewest, most) images of one UNet batch (RequestChecker.batch_limits)."""
@@ -250,14 +256,15 @@ class Pipeline(LoraLoaderMixin):
                  num_images_per_prompt: int = 1, ip_adapter_tokens: Optional[np.ndarray] = None,
                  latents: Optional[np.ndarray] = None, output_type: str = "pil", scheduler: Optional[str] = None,
                  guidance_interval: Optional[tuple] = None, loras: Optional[dict] = None,
-                 progress: bool = False) -> Generation:
+                 deep_cache_interval: Optional[int] = None, progress: bool = False) -> Generation:
         """Run one request (``generate_batch`` of one); every argument is checked before an engine runs.
         None = the manifest default (for ``loras``: the ``set_adapters`` set). scheduler: a sampler name
         (samplers.SAMPLERS, default "euler"); guidance_interval: (low, high), guidance only at steps whose sigma
-        is in (low, high]; loras: {adapter name: weight}."""
+        is in (low, high]; loras: {adapter name: weight}; deep_cache_interval: DeepCache's full UNet every N
+        steps, the shallow UNet between (default 1: off)."""
         request = GenerationRequest(prompt, ip_adapter_image, negative_prompt, height, width, num_inference_steps,
                                     guidance_scale, ip_adapter_scale, seed, num_images_per_prompt, ip_adapter_tokens,
-                                    latents, output_type, scheduler, guidance_interval, loras)
+                                    latents, output_type, scheduler, guidance_interval, loras, deep_cache_interval)
         result = self.generate_batch([request], progress=progress)[0]
         if result.error is not None:
             raise result.error
@@ -361,12 +368,14 @@ class Pipeline(LoraLoaderMixin):
             "ip_tokens": stacked[2],  # [2n, T, C]
             "ip_scale": stacked[3],  # [2n]: each request's own scale on both branches
         }
+        cfg = np.concatenate([np.repeat(job.cfg[:, None], job.n, axis=1) for job in chunk], axis=1)  # [steps, n]
         return DenoiseBatch(
             latents=np.concatenate(latents) * sampler.init_noise_sigma,  # [n, C, h, w]
             conditioning=conditioning,
             guidance=np.concatenate([np.full(job.n, job.guidance, np.float32) for job in chunk]),
-            cfg=np.concatenate([np.repeat(job.cfg[:, None], job.n, axis=1) for job in chunk], axis=1),  # [steps, n]
+            cfg=cfg,
             noise=np.concatenate(noise, axis=1) if sampler.stochastic else None,
+            full=full_mask(cfg, [job.deep_cache_interval for job in chunk for _ in range(job.n)]),
         )
 
     def _results(self, chunk: list, rows: LiveRows, final: np.ndarray) -> list[Generation]:

@@ -22,6 +22,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .deep_cache import DEFAULT_INTERVAL, check_interval
 from .errors import InputError, KolorsTrtError
 from .folder import ModelFolder
 from .postprocess import denormalize, to_pil, to_uint8
@@ -61,6 +62,7 @@ class GenerationRequest:
     scheduler: Optional[str] = None
     guidance_interval: Optional[tuple] = None
     loras: Optional[dict] = None  # {adapter name: weight}; None: the Pipeline's set_adapters set
+    deep_cache_interval: Optional[int] = None
 
 
 @dataclass
@@ -109,6 +111,7 @@ class CheckedRequest:
     interval: Optional[tuple] = None  # (low, high) in sigma units; None: every step
     cfg: Optional[np.ndarray] = None  # [steps] bool: guidance at step i
     loras: tuple = ()  # ((Adapter, weight), ...): resolved by Pipeline.check (lora.LoraSet)
+    deep_cache_interval: int = DEFAULT_INTERVAL  # DeepCache: the full UNet every N steps per row (1: off)
 
     @property
     def do_cfg(self) -> bool:
@@ -117,7 +120,8 @@ class CheckedRequest:
 
     @property
     def key(self) -> tuple:
-        """Requests with the same key share one UNet batch."""
+        """Requests with the same key share one UNet batch (guidance, its interval and DeepCache's interval may
+        differ: they are per row)."""
         return self.height, self.width, self.steps, self.do_cfg, self.sampler
 
     def parameters(self, backend: str, model) -> dict:
@@ -127,7 +131,8 @@ class CheckedRequest:
             "seed": self.seed, "height": self.height, "width": self.width, "num_inference_steps": self.steps,
             "guidance_scale": self.guidance, "ip_adapter_scale": self.ip_scale, "num_images_per_prompt": self.n,
             "scheduler": self.sampler, "guidance_interval": None if self.interval is None else list(self.interval),
-            "loras": {adapter.name: weight for adapter, weight in self.loras}, "backend": backend, "model": str(model),
+            "loras": {adapter.name: weight for adapter, weight in self.loras},
+            "deep_cache_interval": self.deep_cache_interval, "backend": backend, "model": str(model),
         }
 
 
@@ -176,7 +181,8 @@ class RequestChecker:
         self.folder = folder
         self.samplers = samplers
         self.clip = clip
-        self.defaults = {"scheduler": DEFAULT_SAMPLER, **folder.runtime.get("defaults", {})}  # the manifest's win
+        self.defaults = {"scheduler": DEFAULT_SAMPLER, "deep_cache_interval": DEFAULT_INTERVAL,
+                         **folder.runtime.get("defaults", {})}  # the manifest's win
 
     def pixel_values(self, image: ImageSource) -> np.ndarray:
         """CLIP preprocessing of one reference image: float32 [1, 3, S, S]; raises ImageInputError."""
@@ -248,6 +254,8 @@ class RequestChecker:
         ip_scale = _finite("ip_adapter_scale",
                            d.get("ip_adapter_scale") if r.ip_adapter_scale is None else r.ip_adapter_scale)
         interval = guidance_interval(r.guidance_interval)
+        deep_cache = check_interval(d["deep_cache_interval"] if r.deep_cache_interval is None
+                                    else r.deep_cache_interval, self.folder)
         sigmas = sampler.sigmas[: sampler.steps].astype(np.float64)
         cfg = np.full(sampler.steps, guidance > 1) if interval is None else \
             (guidance > 1) & (interval[0] < sigmas) & (sigmas <= interval[1])
@@ -288,7 +296,7 @@ class RequestChecker:
         cfg.setflags(write=False)
         return CheckedRequest(index, r.prompt, r.negative_prompt, height, width, int(steps), guidance, ip_scale,
                               None if seed is None else int(seed), int(n), pixels, tokens, latents, r.output_type,
-                              name, interval, cfg)
+                              name, interval, cfg, deep_cache_interval=deep_cache)
 
     # ---- requests ----------------------------------------------------------------------------
 

@@ -6,8 +6,13 @@ checks for the runtime. Pure Python, no third-party imports.
 
 A shape is a tuple of entries; an entry is an ``int`` (a size fixed by the
 model, e.g. the 256 text tokens), a ``str`` (a named dynamic dim with a
-min/opt/max range) or a ``(name, factor)`` pair (a dynamic dim scaled by a
-constant, e.g. the decoded image is ``latent_height * 8`` pixels high).
+min/opt/max range) or a ``(name, factor)`` / ``(name, factor, divisor)`` tuple (a
+dynamic dim scaled by a constant, e.g. the decoded image is ``latent_height * 8``
+pixels high, DeepCache's feature at branch 3 ``latent_height / 2``).
+
+The UNet comes as one graph, or (DeepCache, ``ModelDims.deep_cache``) as two: the
+full ``unet``, which also outputs the deep feature of its cache branch, and
+``unet_shallow``, the blocks outside the branch, which takes that feature.
 
 Graph inputs and outputs are float32 (token ids int64) whatever the component's
 precision: the precision lives inside the graph, which casts at its edges, so a
@@ -24,13 +29,23 @@ from typing import Iterable, Mapping, Union
 from .errors import InputError
 
 COMPONENTS = ("text_encoder", "image_encoder", "unet", "vae_decoder")
+# Graphs a folder may hold besides the four: the shallow UNet of DeepCache (export's --deep-cache-branch),
+# exported with the unet, at the unet's precision.
+SHALLOW_UNET = "unet_shallow"
+OPTIONAL_COMPONENTS = (SHALLOW_UNET,)
+ALL_COMPONENTS = COMPONENTS + OPTIONAL_COMPONENTS
+DEFAULT_DEEP_CACHE_BRANCH = 0  # DeepCache's cache_branch_id in its README: the outermost skip branch
+# The ModelDims fields the export's DeepCache split sets (not the checkpoint): the unet graphs' only.
+DEEP_CACHE_FIELDS = ("deep_cache_branch", "deep_feature_channels", "deep_feature_stride", "deep_feature_cross_attention")
 PRECISIONS = ("fp16", "fp32")
 # 8-bit UNets (Q/DQ graphs with an fp16 body, calibrated at export: export/quantize.py). The
 # other components stay fp16/fp32: the UNet runs once per step, they run once per request.
 QUANTIZED_PRECISIONS = ("int8", "fp8")
 COMPONENT_PRECISIONS = {"text_encoder": PRECISIONS, "image_encoder": PRECISIONS,
-                        "unet": PRECISIONS + QUANTIZED_PRECISIONS, "vae_decoder": PRECISIONS}
-DEFAULT_PRECISION = {"text_encoder": "fp16", "image_encoder": "fp16", "unet": "fp16", "vae_decoder": "fp32"}
+                        "unet": PRECISIONS + QUANTIZED_PRECISIONS, "vae_decoder": PRECISIONS,
+                        SHALLOW_UNET: PRECISIONS}  # the unet's; fp16 beside an 8-bit unet (exporter.resolve_precisions)
+DEFAULT_PRECISION = {"text_encoder": "fp16", "image_encoder": "fp16", "unet": "fp16", "vae_decoder": "fp32",
+                     SHALLOW_UNET: "fp16"}
 
 # Kolors' common sizes (height x width); the optimum of the default profile is the first.
 KOLORS_SIZES = ((1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344))
@@ -112,6 +127,18 @@ class ModelDims:
     vae_scale: int = 8  # pixels per latent
     latent_multiple: int = 4  # latent sizes must divide by 2**(UNet blocks - 1)
     text_length: int = TEXT_LENGTH
+    # DeepCache's split, fixed at export (export/deep_cache.py): the cache branch (DeepCache's cache_branch_id,
+    # -1 = none), and the deep feature the full UNet outputs and the shallow one takes:
+    # [unet_batch, deep_feature_channels, latent_height / deep_feature_stride, latent_width / ...].
+    deep_cache_branch: int = -1
+    deep_feature_channels: int = 0  # 0: no shallow graph
+    deep_feature_stride: int = 1
+    deep_feature_cross_attention: int = 0  # 1: the shallow blocks hold cross-attention (take text and IP inputs)
+
+    @property
+    def deep_cache(self) -> bool:
+        """The UNet is split for DeepCache: a unet_shallow graph, and the feature as a unet output."""
+        return self.deep_feature_channels > 0
 
 
 @dataclass(frozen=True)
@@ -168,6 +195,30 @@ def engine_specs(model: ModelDims = ModelDims(), profile: Profile = DEFAULT_PROF
     f32, i64 = "float32", "int64"
     L, C = m.text_length, m.latent_channels
     latent = ("unet_batch", C, "latent_height", "latent_width")
+    unet_inputs = (
+        TensorSpec("sample", f32, latent),
+        TensorSpec("timestep", f32, (1,)),
+        TensorSpec("encoder_hidden_states", f32, ("unet_batch", L, m.text_hidden)),
+        TensorSpec("text_embeds", f32, ("unet_batch", m.text_hidden)),
+        TensorSpec("time_ids", f32, ("unet_batch", TIME_IDS)),
+        TensorSpec("ip_tokens", f32, ("unet_batch", m.ip_tokens, m.cross_attention_dim)),
+        TensorSpec("ip_scale", f32, ("unet_batch",)),  # per row: each request its own scale
+    )
+    unet_dims = {"unet_batch": unet_b, "latent_height": lat_h, "latent_width": lat_w}
+    unet_outputs = (TensorSpec("noise_pred", f32, latent),)
+    shallow = {}
+    if m.deep_cache:
+        feature = TensorSpec("deep_feature", f32, ("unet_batch", m.deep_feature_channels,
+                                                   _scaled("latent_height", m.deep_feature_stride),
+                                                   _scaled("latent_width", m.deep_feature_stride)))
+        unet_outputs += (feature,)
+        # The shallow blocks use the text and IP inputs only through cross-attention; an input a graph does not
+        # use is dropped by the exporter and by TensorRT, so the spec leaves it out.
+        cross = ("encoder_hidden_states", "ip_tokens", "ip_scale")
+        inputs = tuple(t for t in unet_inputs if m.deep_feature_cross_attention or t.name not in cross)
+        shallow[SHALLOW_UNET] = EngineSpec(SHALLOW_UNET, inputs=inputs + (feature,),
+                                           outputs=(TensorSpec("noise_pred", f32, latent),), dims=unet_dims,
+                                           tolerance={"fp32": (1e-4, 1e-4), "fp16": (2e-2, 2e-2)})
     return {
         "text_encoder": EngineSpec(
             "text_encoder",
@@ -190,21 +241,8 @@ def engine_specs(model: ModelDims = ModelDims(), profile: Profile = DEFAULT_PROF
             dims={"batch": one},
             tolerance={"fp32": (1e-4, 1e-4), "fp16": (2e-2, 2e-2)},
         ),
-        "unet": EngineSpec(
-            "unet",
-            inputs=(
-                TensorSpec("sample", f32, latent),
-                TensorSpec("timestep", f32, (1,)),
-                TensorSpec("encoder_hidden_states", f32, ("unet_batch", L, m.text_hidden)),
-                TensorSpec("text_embeds", f32, ("unet_batch", m.text_hidden)),
-                TensorSpec("time_ids", f32, ("unet_batch", TIME_IDS)),
-                TensorSpec("ip_tokens", f32, ("unet_batch", m.ip_tokens, m.cross_attention_dim)),
-                TensorSpec("ip_scale", f32, ("unet_batch",)),  # per row: each request its own scale
-            ),
-            outputs=(TensorSpec("noise_pred", f32, latent),),
-            dims={"unet_batch": unet_b, "latent_height": lat_h, "latent_width": lat_w},
-            tolerance={"fp32": (1e-4, 1e-4), "fp16": (2e-2, 2e-2)},
-        ),
+        "unet": EngineSpec("unet", inputs=unet_inputs, outputs=unet_outputs, dims=unet_dims,
+                           tolerance={"fp32": (1e-4, 1e-4), "fp16": (2e-2, 2e-2)}),
         "vae_decoder": EngineSpec(
             "vae_decoder",
             inputs=(TensorSpec("latents", f32, ("batch", C, "latent_height", "latent_width")),),
@@ -214,7 +252,12 @@ def engine_specs(model: ModelDims = ModelDims(), profile: Profile = DEFAULT_PROF
             dims={"batch": b, "latent_height": lat_h, "latent_width": lat_w},
             tolerance={"fp32": (1e-4, 1e-4), "fp16": (2e-2, 2e-2)},
         ),
+        **shallow,
     }
+
+
+def _scaled(name: str, divisor: int) -> DimEntry:
+    return name if divisor == 1 else (name, 1, divisor)
 
 
 # ---- derived views -------------------------------------------------------------------------
@@ -225,8 +268,17 @@ def _entry_value(entry: DimEntry, values: Mapping[str, int]) -> int:
         return entry
     if isinstance(entry, str):
         return values[entry]
-    name, factor = entry
-    return values[name] * factor
+    name, factor, divisor = (*entry, 1)[:3]
+    return values[name] * factor // divisor
+
+
+def dim_label(entry: DimEntry) -> object:
+    """How a graph names one dim of a tensor: the size, the dim's name, or "latent_height*8" /
+    "latent_height/2" for a scaled one."""
+    if isinstance(entry, (int, str)):
+        return entry
+    name, factor, divisor = (*entry, 1)[:3]
+    return name + (f"*{factor}" if factor != 1 else "") + (f"/{divisor}" if divisor != 1 else "")
 
 
 def shape_of(tensor: TensorSpec, values: Mapping[str, int]) -> tuple:
@@ -244,14 +296,16 @@ def sample_shapes(spec: EngineSpec, values: Mapping[str, int]) -> dict[str, tupl
 
 
 def dynamic_axes(spec: EngineSpec) -> dict[str, dict[int, str]]:
-    """torch.onnx ``dynamic_axes``: the named (unscaled) dims of every tensor.
+    """torch.onnx ``dynamic_axes``: the named (unscaled) dims of every tensor, and the scaled dims of inputs.
 
     Scaled output dims are left to shape inference: ONNX derives them from the
-    inputs, and naming them would assert an equality that is not one.
+    inputs, and naming them would assert an equality that is not one. A scaled
+    input dim (the deep feature's) must be dynamic, or the trace bakes in its size.
     """
     axes = {}
     for t in spec.inputs + spec.outputs:
-        named = {i: e for i, e in enumerate(t.shape) if isinstance(e, str)}
+        scaled = t in spec.inputs
+        named = {i: dim_label(e) for i, e in enumerate(t.shape) if isinstance(e, str) or (scaled and isinstance(e, tuple))}
         if named:
             axes[t.name] = named
     return axes
@@ -291,6 +345,11 @@ def check_feeds(spec: EngineSpec, feeds: Mapping[str, object]) -> dict[str, int]
                     raise SpecError(
                         f"{spec.name}: dim {entry!r} is {values[entry]} in one input and {size} in {t.name!r}"
                     )
+    for t in spec.inputs:  # scaled dims follow from the named ones
+        for axis, (entry, size) in enumerate(zip(t.shape, feeds[t.name].shape)):
+            if isinstance(entry, tuple) and entry[0] in values and size != _entry_value(entry, values):
+                raise SpecError(f"{spec.name}: input {t.name!r} axis {axis} is {size}, expected "
+                                f"{dim_label(entry)} = {_entry_value(entry, values)}")
     for name, value in values.items():
         r = spec.dims[name]
         if not r.contains(value):

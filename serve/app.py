@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException
 
 from kolors_trt import __version__
 from kolors_trt.runtime.errors import KolorsTrtError
+from kolors_trt.runtime.spec import SHALLOW_UNET
 
 from . import routes
 from .config import ServeConfig
@@ -69,6 +70,7 @@ def model_card(config: ServeConfig, worker: Worker, created: int) -> dict:
             "sizes": offered_sizes(folder, defaults),
             "max_images_per_batch": {"cfg": worker.ceilings[True], "no_cfg": worker.ceilings[False]},
             "samplers": list(pipe.samplers.names),
+            "deep_cache": SHALLOW_UNET in folder.files,  # deep_cache_interval > 1 runs (DeepCache's shallow UNet)
             "startup_seconds": worker.startup_seconds}
 
 

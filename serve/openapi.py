@@ -27,6 +27,8 @@ from __future__ import annotations
 import copy
 import logging
 
+from kolors_trt.runtime.spec import SHALLOW_UNET
+
 from .protocol import INTERVAL_TEXT, EditParams, GenerationParams, size_pattern
 
 logger = logging.getLogger(__name__)
@@ -119,6 +121,9 @@ def narrow(schema: dict, config, folder, ceilings: dict, loras: list) -> dict:
     if folder is not None:
         props["size"]["pattern"] = size_pattern(folder)
         props["n"]["maximum"] = min(props["n"]["maximum"], *ceilings.values())
+        if SHALLOW_UNET not in folder.files:  # no DeepCache graph: interval 1 (off) only
+            cache = props["deep_cache_interval"]
+            next(b for b in cache.get("anyOf", [cache]) if b.get("type") == "integer")["maximum"] = 1
     return schema
 
 

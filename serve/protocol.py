@@ -14,9 +14,10 @@ The rules for fields, stated once:
   CFG range), ip_adapter_scale [0, 5] (ComfyUI IPAdapter's weight range, negatives left
   out), scheduler (a sampler name; GET /v1/models lists them), guidance_interval
   ([low, high] in sigma units, 0 <= low < high, finite; "LOW:HIGH" in a multipart form);
-  reference_id on generations; and ``lora``, {adapter: weight} (at most 8 adapters,
-  names as in GET /v1/loras, weights in [-10, 10]; a JSON object, or a JSON string in
-  multipart). Values past the bounds are refused (400)
+  deep_cache_interval [1, 1000] (DeepCache; above 1 only where the model card has
+  ``deep_cache``: the folder holds the shallow UNet); reference_id on generations; and
+  ``lora``, {adapter: weight} (at most 8 adapters, names as in GET /v1/loras, weights in
+  [-10, 10]; a JSON object, or a JSON string in multipart). Values past the bounds are refused (400)
   before a request queues, so one request can no longer overflow a shared batch.
 - Types are strict: a number takes a JSON number (not true, not "4"), a boolean takes
   true or false. Multipart fields are text: a number there is ASCII decimal digits
@@ -64,6 +65,7 @@ TYPO_RATIO = 0.8
 INT_TEXT = re.compile(r"[+-]?[0-9]+\Z")  # re's [0-9] is ASCII: "٤" is no digit here
 FLOAT_TEXT = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?\Z")
 BOOL_TEXT = {"true": True, "false": False}
+MAX_DEEP_CACHE_INTERVAL = 1000  # past the step count every step after the first is shallow
 MAX_SIGMA = 1e6  # a guidance interval's bounds: far above any schedule's sigma (Kolors' largest is 29)
 _SIGMA = r"[0-9]{1,6}(\.[0-9]{1,9})?"  # below MAX_SIGMA, so the form and JSON take the same values
 INTERVAL_TEXT = re.compile(f"{_SIGMA}:{_SIGMA}\\Z")  # guidance_interval in a form: LOW:HIGH, ASCII digits
@@ -120,6 +122,9 @@ class ImageParams(BaseModel):
         None, min_length=2, max_length=2, description="[low, high] in sigma units, low < high: classifier-free "
         "guidance only at steps whose sigma is in (low, high]")
     lora: Optional[dict[LoraName, LoraWeight]] = Field(None, max_length=MAX_LORAS)  # needs --lora-dir
+    deep_cache_interval: Optional[int] = Field(
+        None, ge=1, le=MAX_DEEP_CACHE_INTERVAL, description="DeepCache: the full UNet every N steps, the shallow UNet "
+        "on the cached deep feature between (1: off); above 1 where the model card says deep_cache")
 
     @field_validator("guidance_interval")
     @classmethod
@@ -293,7 +298,8 @@ def generation_request(params: ImageParams, pipe, image: Optional[bytes], tokens
         raise ServeInputError("lora: this server has no LoRA folder (start it with --lora-dir DIR)", "lora")
     return GenerationRequest(params.prompt, image, params.negative_prompt, height, width, steps,
                              params.guidance_scale, ip_scale, seed, params.n, tokens, scheduler=params.scheduler,
-                             guidance_interval=params.guidance_interval, loras=params.lora or {})
+                             guidance_interval=params.guidance_interval, loras=params.lora or {},
+                             deep_cache_interval=params.deep_cache_interval)
 
 
 def preview_steps(partial_images: int, steps: int) -> frozenset:

@@ -221,6 +221,7 @@ async def answer_images(request: Request, params: ImageParams, image: Optional[b
                   "guidance_scale": checked.guidance, "ip_adapter_scale": checked.ip_scale, "n": checked.n,
                   "scheduler": checked.sampler,
                   "guidance_interval": None if checked.interval is None else list(checked.interval),
+                  "deep_cache_interval": checked.deep_cache_interval,
                   "reference_id": reference_id or getattr(params, "reference_id", None), "model": config.model_id,
                   "backend": pipe.backend, "lora": pipe.lora.names(checked.loras)}
     reply = Reply(kind, params, parameters, f"{checked.width}x{checked.height}", int(time.time()))

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from kolors_trt.runtime.spec import COMPONENTS
+from kolors_trt.runtime.spec import ALL_COMPONENTS, COMPONENTS
 
 
 def pytest_configure(config):
@@ -206,7 +206,7 @@ def engine_folder(onnx_folder, out, profile, target: str = "tensorrt", plans: st
         shutil.copytree(onnx_folder / asset, out / asset)
     manifest = new_engine_manifest(target, dims, profile, export["runtime"])
     module = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}[target]
-    for name in COMPONENTS:
+    for name in [n for n in ALL_COMPONENTS if n in export["components"]]:  # unet_shallow where exported
         plan = out / f"{name}.plan"
         if plans == "onnx":
             shutil.copy(onnx_folder / f"{name}.onnx", plan)

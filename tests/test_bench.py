@@ -5,6 +5,7 @@ same run's samples, and the plot is a PNG. No timing thresholds."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -42,7 +43,7 @@ def test_json_has_every_field_with_positive_numbers(bench_run):
         assert 0 < e2e["p50"] <= e2e["p90"] <= e2e["p99"]
     assert all(x > 0 for x in result["kolors-trt"]["samples"]["image_cached"])
     assert result["peak_rss_mb"] > 0
-    assert set(result["engine_bytes"]) == {"text_encoder", "image_encoder", "unet", "vae_decoder"}
+    assert set(result["engine_bytes"]) == {"text_encoder", "image_encoder", "unet", "vae_decoder", "unet_shallow"}
     assert all(v > 0 for v in result["engine_bytes"].values())
 
 
@@ -138,3 +139,44 @@ def test_samplers_against_the_euler_default(onnx_fp32, tmp_path):
     assert "| dpmpp_2m_karras 6, guidance in (0.28, 5.42] |" in proc.stdout
     bad = subprocess.run(cmd[:-2] + ["--batch", "2"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "neither --batch" in bad.stderr
+
+
+def test_deep_cache_intervals_against_the_default(onnx_fp32, tmp_path):
+    """bench --deep-cache-interval 2 3: the default (euler 50, no DeepCache) and each interval at --steps in one
+    run; rows per image per graph from the pipeline's counters."""
+    out = tmp_path / "deep_cache.json"
+    cmd = [sys.executable, "-m", "kolors_trt", "bench", "--onnx", str(onnx_fp32), "--size", "64x64", "--steps", "6",
+           "--warmup", "0", "--runs", "2", "--deep-cache-interval", "2", "3", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    labels = ["euler 50", "euler 6", "euler 6, DeepCache 2", "euler 6, DeepCache 3"]
+    assert list(result["summary"]) == labels
+    per_graph = [result["summary"][label]["unet_rows_per_graph"] for label in labels]
+    assert per_graph == [{"unet": 100, "unet_shallow": 0}, {"unet": 12, "unet_shallow": 0},
+                         {"unet": 6, "unet_shallow": 6}, {"unet": 4, "unet_shallow": 8}]
+    assert [result["summary"][label]["deep_cache_interval"] for label in labels] == [1, 1, 2, 3]
+    for label in labels:
+        assert result["speedup_vs_default"][label] == pytest.approx(
+            np.mean(result["samples"]["euler 50"]["wall"]) / np.mean(result["samples"][label]["wall"]), rel=1e-9)
+    assert re.search(r"\| euler 6, DeepCache 3 +\| 4 \+ 8 +\|", proc.stdout)
+    bad = subprocess.run(cmd[:-2] + ["--unet-graphs"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "--unet-graphs" in bad.stderr
+
+
+def test_unet_graphs_time_each_graph_on_the_same_step(onnx_fp32, tmp_path):
+    """bench --unet-graphs: every UNet graph of the folder (the full one with its deep-feature output, DeepCache's
+    shallow one) timed on one CFG step at the requested size; the ratio from the run's own samples."""
+    out = tmp_path / "graphs.json"
+    cmd = [sys.executable, "-m", "kolors_trt", "bench", "--onnx", str(onnx_fp32), "--size", "64x96", "--warmup", "1",
+           "--runs", "3", "--unet-graphs", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["dims"] == {"unet_batch": 2, "latent_height": 8, "latent_width": 12}
+    assert result["outputs"] == {"unet": ["noise_pred", "deep_feature"], "unet_shallow": ["noise_pred"]}
+    for name, samples in result["samples"].items():
+        assert len(samples) == 3 and result["summary"][name]["mean"] == pytest.approx(np.mean(samples) * 1e3)
+    assert result["full_over"]["unet_shallow"] == pytest.approx(
+        result["summary"]["unet"]["mean"] / result["summary"]["unet_shallow"]["mean"])
+    assert "| unet_shallow" in proc.stdout

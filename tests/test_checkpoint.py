@@ -165,12 +165,15 @@ def test_wrong_ip_key_sets(copy_tiny, edit, message):
 
 def test_precision_settings():
     assert resolve_precisions("fp16") == {"text_encoder": "fp16", "image_encoder": "fp16", "unet": "fp16",
-                                          "vae_decoder": "fp32"}
-    assert resolve_precisions("fp32", {"unet": "fp16"})["unet"] == "fp16"
+                                          "vae_decoder": "fp32", "unet_shallow": "fp16"}
+    # the shallow UNet takes the unet's feature: it follows the unet's precision, and cannot be set alone
+    assert resolve_precisions("fp32", {"unet": "fp16"})["unet_shallow"] == "fp16"
     with pytest.raises(PrecisionError):
         resolve_precisions("bf16")
     with pytest.raises(PrecisionError):
         resolve_precisions("fp16", {"vae": "fp16"})
+    with pytest.raises(PrecisionError, match="takes the unet's precision"):
+        resolve_precisions("fp16", {"unet_shallow": "fp32"})
 
 
 def test_cli_reports_errors_without_traceback(tmp_path):

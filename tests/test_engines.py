@@ -25,6 +25,7 @@ from kolors_trt.engines.errors import BuilderNotInstalled, NetworkMismatchError,
 from kolors_trt.runtime.artifacts import EngineFolderError
 from kolors_trt.engines.manifest import profile_json, sha256_file, verify_engine_folder
 from kolors_trt.runtime.spec import (
+    ALL_COMPONENTS,
     COMPONENTS,
     DEFAULT_PRECISION,
     EXPORT_FORMAT,
@@ -527,7 +528,8 @@ def test_target_errors_are_typed():
 
 @pytest.mark.slow
 def test_real_export_of_the_tiny_checkpoint_builds(tmp_path):
-    """kolors_trt.export's graphs of the tiny checkpoint parse, match the spec and build (about 20 s)."""
+    """kolors_trt.export's graphs of the tiny checkpoint parse, match the spec and build (about 20 s), DeepCache's
+    shallow UNet among them."""
     pytest.importorskip("diffusers")
     from kolors_trt.export.exporter import export_all, resolve_precisions
     from kolors_trt.export.tiny import write_tiny
@@ -535,7 +537,7 @@ def test_real_export_of_the_tiny_checkpoint_builds(tmp_path):
     weights, ip = write_tiny(tmp_path / "ckpt")
     export_all(weights, ip, tmp_path / "onnx", resolve_precisions(), progress=False)
     results = build_engines(tmp_path / "onnx", tmp_path / "engines", target=RTX, profile=STATIC)
-    assert [r.status for r in results] == [BUILT] * 4
+    assert [(r.component, r.status) for r in results] == [(name, BUILT) for name in ALL_COMPONENTS]
     m = verify_engine_folder(tmp_path / "engines")
     exported = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
     assert m["model_dims"] == exported["model_dims"]

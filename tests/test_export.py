@@ -35,7 +35,7 @@ def ref_pipe(tiny):
 
 @pytest.fixture(scope="module")
 def comps(tiny):
-    return Components(ck.resolve(*tiny))
+    return Components(ck.resolve(*tiny), S.DEFAULT_DEEP_CACHE_BRANCH)
 
 
 def _close(got, want, atol, rtol):
@@ -176,7 +176,7 @@ SHAPES = [  # (batch, unet_batch, latent_h, latent_w) in units of the UNet's lat
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("name", S.COMPONENTS)
+@pytest.mark.parametrize("name", S.ALL_COMPONENTS)
 def test_onnx_parity_default_preset(store, comps, precision, shape, name):
     folder = store.export("default", precision)[0]
     m = comps.dims.latent_multiple
@@ -190,14 +190,15 @@ def test_onnx_parity_default_preset(store, comps, precision, shape, name):
 def test_onnx_parity_alt_preset(store, precision):
     """Another width and depth everywhere: nothing may assume the default tiny sizes."""
     kolors, ip = store.tiny("alt")
-    comps = Components(ck.resolve(kolors, ip))
+    comps = Components(ck.resolve(kolors, ip), S.DEFAULT_DEEP_CACHE_BRANCH)
     assert comps.dims.text_hidden == 96 and comps.dims.cross_attention_dim == 96
     folder, results = store.export("alt", precision)
-    assert [r.component for r in results] == list(S.COMPONENTS)
+    names = ["text_encoder", "image_encoder", "unet", "unet_shallow", "vae_decoder"]  # the shallow UNet after its unet
+    assert [r.component for r in results] == names
     m = comps.dims.latent_multiple
-    for name in S.COMPONENTS:
+    for name, result in zip(names, results):
         values = {"batch": 3, "unet_batch": 2, "latent_height": 5 * m, "latent_width": 2 * m}
-        _parity(comps, folder, name, results[S.COMPONENTS.index(name)].precision, values, seed=7)
+        _parity(comps, folder, name, result.precision, values, seed=7)
 
 
 def test_text_graph_equals_encode_prompt_on_ort(ref_pipe, onnx_fp32):

@@ -10,6 +10,7 @@ byte the old one, every file it names verifying; a file outside the folder untou
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -98,9 +99,14 @@ def test_up_to_date_needs_the_same_fingerprint_precisions_and_a_verified_folder(
     fp32 = resolve_precisions("fp32")
     old, problem = F.existing_folder(out)
     fingerprint = ck.fingerprint(ck.resolve(kolors, ip))
-    assert problem is None and F.up_to_date(old, fingerprint, fp32, ("unet",))
-    assert not F.up_to_date(old, fingerprint, resolve_precisions("fp16"), ("unet",))
-    assert not F.up_to_date(old, "0" * 64, fp32, ("unet",))
+    dims = old.model_dims
+    assert problem is None and F.up_to_date(old, fingerprint, fp32, ("unet",), dims)
+    assert not F.up_to_date(old, fingerprint, resolve_precisions("fp16"), ("unet",), dims)
+    assert not F.up_to_date(old, "0" * 64, fp32, ("unet",), dims)
+    # another DeepCache split (or none) is another unet graph; the other graphs do not depend on it
+    no_split = dataclasses.replace(dims, deep_cache_branch=-1, deep_feature_channels=0)
+    assert not F.up_to_date(old, fingerprint, fp32, ("unet",), no_split)
+    assert F.up_to_date(old, fingerprint, fp32, ("text_encoder",), no_split)
     with open(out / "unet.onnx", "r+b") as f:  # a graph edited after the export
         f.seek(100)
         f.write(b"\x00")

@@ -149,6 +149,39 @@ def test_image_equals_diffusers(pipe, reference, label, chosen):
         assert level_diff(got, reference["base"]) > 30
 
 
+def test_deep_cache_with_an_adapter_of_the_skipped_blocks_equals_diffusers(pipe, lora_reference, reference):
+    """Adapter a (attention, FF and projection layers, all in blocks DeepCache skips at branch 0) at interval 2
+    equals diffusers' adapter under DeepCacheSDHelper; adapter b (resnet convs, some in the outer block the shallow
+    UNet runs with its base weights) is refused under DeepCache, before any engine runs."""
+    import torch
+    from DeepCache import DeepCacheSDHelper
+
+    from kolors_trt.runtime.deep_cache import DeepCacheInputError
+
+    lora_reference.set_adapters(["a"], [0.8])
+    helper = DeepCacheSDHelper(pipe=lora_reference)
+    helper.set_params(cache_interval=2, cache_branch_id=0)
+    helper.enable()
+    try:
+        with torch.no_grad():
+            want = lora_reference(CASE["prompt"], ip_adapter_image=reference_image(), height=CASE["height"],
+                                  width=CASE["width"], num_inference_steps=CASE["steps"],
+                                  guidance_scale=CASE["guidance_scale"],
+                                  generator=torch.Generator().manual_seed(CASE["seed"])).images[0]
+    finally:
+        helper.disable()
+        del lora_reference.unet.forward  # disable() leaves the bound method as an instance attribute
+    rows = pipe.stats()["unet_rows"]["unet_shallow"]
+    got = generate(pipe, {"a": 0.8}, deep_cache_interval=2)
+    assert pipe.stats()["unet_rows"]["unet_shallow"] - rows == 2  # step 1 of 3, both branches
+    assert level_diff(got, np.asarray(want, dtype=np.int16)) <= 1
+    assert level_diff(got, reference["a"]) > 1  # the shallow step changed the image
+    runs = pipe.stats()["engine_runs"]
+    with pytest.raises(DeepCacheInputError, match="LoRA 'b' changes .* shallow UNet"):
+        generate(pipe, {"b": 0.5}, deep_cache_interval=2)
+    assert pipe.stats()["engine_runs"] == runs
+
+
 def test_kohya_files_of_the_same_weights_give_the_same_image(pipe):
     want = generate(pipe, {"a": 0.8})
     assert np.array_equal(generate(pipe, {"a_kohya": 0.8}), want)

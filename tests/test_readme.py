@@ -35,7 +35,8 @@ def test_runtime_python_example(workdir):
     proc = subprocess.run([sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[1, 2]" in proc.stdout and "'unet': 30" in proc.stdout, proc.stdout
-    assert "{'unet': 93}" in proc.stdout, proc.stdout  # 80 rows with guidance at every step, then 10 + 3
+    # 80 rows with guidance at every step, then 10 + 3, then DeepCache: 2 x 4 full, 2 x 6 shallow
+    assert "{'unet': 101, 'unet_shallow': 12}" in proc.stdout, proc.stdout
     with Image.open(workdir / "out.png") as im:
         assert im.size == (256, 256) and "prompt" in im.text
 

@@ -82,11 +82,29 @@ def test_generate_with_a_sampler_and_guidance_interval(onnx_fp32, ref, tmp_path,
     assert f"UNet rows: unet {3 + guided}" in capsys.readouterr().out
 
 
+def test_generate_with_deep_cache(onnx_fp32, ref, tmp_path, capsys):
+    """--deep-cache-interval: the Pipeline's image for the same arguments; the rows line counts both graphs."""
+    from kolors_trt.runtime.pipeline import Pipeline
+
+    out = tmp_path / "cached.png"
+    rc = main(["generate", "--onnx", str(onnx_fp32), "--image", str(ref), "--prompt", "a red fox", "--out", str(out),
+               "--seed", "5", "--steps", "4", "--height", "64", "--width", "96", "--deep-cache-interval", "3",
+               "--no-progress"])
+    assert rc == 0 and read_png_parameters(out)["deep_cache_interval"] == 3
+    want = Pipeline.load(onnx_fp32).generate("a red fox", str(ref), seed=5, num_inference_steps=4, height=64,
+                                             width=96, deep_cache_interval=3)
+    with Image.open(out) as im:
+        np.testing.assert_array_equal(np.asarray(im), np.asarray(want.images[0]))
+    assert "UNet rows: unet 4, unet_shallow 4" in capsys.readouterr().out  # full at steps 0 and 3, CFG
+
+
 @pytest.mark.parametrize("args, code, needle", [
     (["--guidance-interval", "5:1"], 1, "low < high"),
     (["--guidance-interval=-1:3"], 1, "low must be >= 0"),
     (["--guidance-interval", "0.3"], 2, "LOW:HIGH"),
     (["--scheduler", "ddim"], 2, "invalid choice: 'ddim'"),
+    (["--deep-cache-interval", "0"], 1, "deep_cache_interval must be >= 1"),
+    (["--deep-cache-interval", "2.5"], 2, "invalid int value"),
 ])
 def test_generate_sampler_argument_errors(onnx_fp32, ref, tmp_path, capsys, args, code, needle):
     argv = ["generate", "--onnx", str(onnx_fp32), "--image", str(ref), "--prompt", "x", "--out",

@@ -38,8 +38,9 @@ def delta(before: dict, after: dict) -> dict:
 
 
 def test_constants_run_once_at_load(onnx_fp32):
+    """The constants at load; DeepCache's shallow UNet is opened but runs only for deep_cache_interval > 1."""
     pipe = Pipeline.load(onnx_fp32)
-    assert runs(pipe) == {"text_encoder": 1, "image_encoder": 1, "unet": 0, "vae_decoder": 0}
+    assert runs(pipe) == {"text_encoder": 1, "image_encoder": 1, "unet": 0, "vae_decoder": 0, "unet_shallow": 0}
 
 
 def test_encoders_once_per_new_input(onnx_fp32, tmp_path):
@@ -48,11 +49,11 @@ def test_encoders_once_per_new_input(onnx_fp32, tmp_path):
     r0 = runs(pipe)
     pipe.generate("a cat", image, **SMALL)
     r1 = runs(pipe)
-    assert delta(r0, r1) == {"text_encoder": 1, "image_encoder": 1, "unet": 2, "vae_decoder": 0}
+    assert delta(r0, r1) == {"text_encoder": 1, "image_encoder": 1, "unet": 2, "vae_decoder": 0, "unet_shallow": 0}
     # same prompt, same picture re-encoded as PNG bytes with other metadata: no encoder runs
     pipe.generate("a cat", png_bytes(image, pnginfo=None, compress_level=1), **SMALL)
     r2 = runs(pipe)
-    assert delta(r1, r2) == {"text_encoder": 0, "image_encoder": 0, "unet": 2, "vae_decoder": 0}
+    assert delta(r1, r2) == {"text_encoder": 0, "image_encoder": 0, "unet": 2, "vae_decoder": 0, "unet_shallow": 0}
     # the empty negative prompt (default or explicit "") is a constant: never re-encoded
     pipe.generate("a dog", image, negative_prompt="", **SMALL)
     r3 = runs(pipe)
@@ -65,7 +66,7 @@ def test_encoders_once_per_new_input(onnx_fp32, tmp_path):
     # a new reference image runs the image encoder once
     pipe.generate("a dog", ref_image(1), **dict(SMALL, output_type="pil"))
     r5 = runs(pipe)
-    assert delta(r4, r5) == {"text_encoder": 0, "image_encoder": 1, "unet": 2, "vae_decoder": 1}
+    assert delta(r4, r5) == {"text_encoder": 0, "image_encoder": 1, "unet": 2, "vae_decoder": 1, "unet_shallow": 0}
     stats = pipe.stats()
     assert stats["ip_cache"]["misses"] == 2 and stats["ip_cache"]["hits"] == 4
     assert sorted(p.suffix for p in (tmp_path / "ip").iterdir()) == [".npy", ".npy"]

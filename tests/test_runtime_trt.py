@@ -2,9 +2,10 @@
 TrtEngine and on-device denoising loop, opened on engine folders whose plans the TensorRT stand-in
 reads (tests/trt_standin: ONNX Runtime through raw pointers, and a CPU device whose CUDA graphs record
 and replay launches). Every result is compared with the ONNX Runtime backend on the same fp32 graphs:
-within 1/255 per pixel.
+within 1/255 per pixel. DeepCache runs both UNet graphs on the device loop (its feature cache a device
+buffer: no host copy per step), with CUDA graphs per step key, padded static profiles and cancellation.
 
-To add tests on the stand-in (samplers, DeepCache, LoRA refit, ...), use conftest.py's fixtures:
+To add tests on the stand-in (LoRA refit, ...), use conftest.py's fixtures:
 
     folder = standin_engines(Profile(...), target="tensorrt" | "tensorrt-rtx", refit=False)
     pipe = trt_pipeline(folder, cuda_graph=None, device=None, runtime_cache=None)
@@ -168,3 +169,76 @@ def test_samplers_and_guidance_intervals_match_onnxruntime(standin_engines, trt_
         same_image(g, w)
     assert pipe.stats()["unet_rows"]["unet"] == ort.stats()["unet_rows"]["unet"] - ort_rows == 4 * 4 - 2
     assert sorted(g.replays for g in device.graphs) == [2, 2]  # 4 rows at steps 0 and 1, 3 rows at 2 and 3
+
+
+# ---- DeepCache: the two UNet graphs on the device loop; the feature cache is a device buffer ----
+
+
+def unet_rows(pipe) -> dict:
+    return dict(pipe.stats()["unet_rows"])
+
+
+def spent(before: dict, after: dict) -> dict:
+    return {g: after[g] - before[g] for g in after}
+
+
+def test_interval_3_matches_onnxruntime_with_cuda_graphs(standin_engines, trt_pipeline, trt_standin, ort):
+    """Two requests at interval 3, one guided from step 1 on: steps whose rows split between the two graphs."""
+    device = trt_standin.CpuDevice()
+    pipe = trt_pipeline(standin_engines(DYNAMIC), cuda_graph=True, device=device)
+    assert sorted(pipe.stats()["unet_rows"]) == ["unet", "unet_shallow"]
+    sigmas = ort.samplers.tables("dpmpp_2m", 5).sigmas
+    batch = [GenerationRequest("a cat", image(1), None, 64, 96, 5, 5.0, 0.5, 61, scheduler="dpmpp_2m",
+                               deep_cache_interval=3),
+             GenerationRequest("a dog", image(2), "ugly", 64, 96, 5, 7.0, 0.8, 62, scheduler="dpmpp_2m",
+                               guidance_interval=(sigmas[4] / 2, sigmas[1]), deep_cache_interval=3)]
+    ort_before, before = unet_rows(ort), unet_rows(pipe)
+    want = ort.generate_batch(batch)
+    got = pipe.generate_batch(batch)
+    for g, w in zip(got, want):
+        same_image(g, w)
+    used = spent(before, unet_rows(pipe))
+    # cond rows full at 0, 3; uncond of the first at 0, 3; of the second (from step 1) at 1, 4
+    assert used == spent(ort_before, unet_rows(ort)) == {"unet": 2 * 4, "unet_shallow": 3 + 3 + 3 + 2}
+    # step keys: 0 (3 full rows), 1 (1 full, 3 shallow), 2 (4 shallow), 3 (3 full, 1 shallow), 4 (1 full, 3 shallow)
+    assert sorted(g.replays for g in device.graphs) == [1, 1, 1, 2]
+    plain = pipe.generate_batch(batch[:1] + [GenerationRequest("a cat", image(1), None, 64, 96, 5, 5.0, 0.5, 61,
+                                                               scheduler="dpmpp_2m")])
+    assert np.abs(plain[0].latents - plain[1].latents).max() > 1e-3  # interval 3 differs from the full loop
+
+
+def test_static_profile_pads_each_graph_and_replays(standin_engines, trt_pipeline, trt_standin, ort):
+    """Profile for exactly 2 images under CFG: one request's 2 rows pad to 4 in both graphs; the second request
+    replays the captured steps."""
+    device = trt_standin.CpuDevice()
+    pipe = trt_pipeline(standin_engines(STATIC), device=device)  # static: CUDA graphs by default
+    before = unet_rows(pipe)
+    for seed in (41, 42):
+        request = GenerationRequest("a boat", image(8), None, 64, 96, 4, 5.0, 0.5, seed, deep_cache_interval=3)
+        same_image(pipe.generate_batch([request])[0], ort.generate_batch([request])[0])
+    assert spent(before, unet_rows(pipe)) == {"unet": 2 * 2 * 4, "unet_shallow": 2 * 2 * 4}
+    assert sorted(g.replays for g in device.graphs) == [4, 4]  # full steps 0, 3; shallow steps 1, 2
+
+
+def test_a_cancelled_request_leaves_the_feature_cache(standin_engines, trt_pipeline, ort):
+    pipe = trt_pipeline(standin_engines(DYNAMIC), cuda_graph=True)
+    batch = [GenerationRequest("a cat", image(6), None, 64, 96, 5, 5.0, 0.5, 31, deep_cache_interval=2),
+             GenerationRequest("a dog", image(7), None, 64, 96, 5, 6.0, 0.3, 32, deep_cache_interval=2)]
+    seen = []
+    got = pipe.generate_batch(batch, on_step=lambda index, step, steps, x: seen.append(step),
+                              cancelled=lambda i: i == 0 and max(seen, default=0) >= 2)
+    assert got[0].cancelled and not got[1].cancelled
+    same_image(got[1], ort.generate_batch([batch[1]])[0])
+
+
+def test_no_host_copy_per_step(standin_engines, trt_pipeline, monkeypatch):
+    """The loop reads the device back once (the final latents), DeepCache or not."""
+    import kolors_trt.runtime.trt_loop as trt_loop
+
+    copies = []
+    real = trt_loop.host_copy
+    monkeypatch.setattr(trt_loop, "host_copy", lambda t: copies.append(tuple(t.shape)) or real(t))
+    pipe = trt_pipeline(standin_engines(DYNAMIC), cuda_graph=True)
+    pipe.generate_batch([GenerationRequest("a cat", image(3), None, 64, 96, 6, 5.0, 0.5, 5, output_type="latent",
+                                           deep_cache_interval=3)])
+    assert copies == [(1, 4, 8, 12)]

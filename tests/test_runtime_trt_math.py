@@ -7,6 +7,7 @@ not involved (test_runtime_trt.py runs the loop on the TensorRT stand-in)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from kolors_trt.export.tiny import KOLORS_SCHEDULER  # noqa: E402
 from kolors_trt.runtime.backend_ort import OrtBackend  # noqa: E402
 from kolors_trt.runtime.backend_trt import TrtEngine  # noqa: E402
+from kolors_trt.runtime.deep_cache import full_mask  # noqa: E402
 from kolors_trt.runtime.engine import DenoiseBatch, Engine  # noqa: E402
 from kolors_trt.runtime.noise import torch_randn_draws  # noqa: E402
 from kolors_trt.runtime.samplers import SAMPLERS, sampler_tables  # noqa: E402
@@ -32,11 +34,12 @@ STATIC_SPEC = engine_specs(DIMS, Profile.static(2, 64, 96))["unet"]  # UNet batc
 THREE_SPEC = engine_specs(DIMS, Profile(DimRange(1, 1, 3), DimRange(64, 64, 128), DimRange(64, 96, 128)))["unet"]
 
 
+def per_row(a):
+    return a.reshape(a.shape[0], -1).mean(1).reshape(-1, 1, 1, 1)
+
+
 def fake_eps(sample, t, ehs, text, ip, scale, xp):
     """A UNet stand-in that depends on every input, per batch row."""
-    def per_row(a):
-        return a.reshape(a.shape[0], -1).mean(1).reshape(-1, 1, 1, 1)
-
     return 0.5 * sample * (t / 1000.0) + 0.1 * per_row(ehs) - 0.2 * per_row(text) + scale * per_row(ip) \
         + 0.05 * xp.sin(sample)
 
@@ -134,8 +137,9 @@ def test_device_loop_equals_the_numpy_loop_for_every_sampler(name, cuda_graph, t
         assert not np.allclose(got, batch.latents)  # the loop moved the latents
         np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
     if cuda_graph:  # one loop state per (image rows, size), one graph per UNet batch size of each
-        sizes = {key: sorted(loop.graphs) for key, loop in unet.graphs.items()}
+        sizes = {key: sorted(rows for rows, shallow, _ in loop.graphs) for key, loop in unet.graphs.items()}
         assert sorted(map(tuple, sizes.values())) == [(1,), (2,), (2, 3), (3, 4)]
+        assert all(shallow == 0 for loop in unet.graphs.values() for _, shallow, _ in loop.graphs)  # no DeepCache
 
 
 @pytest.mark.parametrize("name, override", [("unipc", {}), ("euler_a", {}), ("dpmpp_2m_karras", {}),
@@ -209,3 +213,109 @@ def test_cuda_loop_and_graph_replay_equal_the_numpy_loop(cuda_graph):
             want = reference_loop(batch, sampler, keep)
             got = denoise_device(unet, batch, sampler, keep)
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+# ---- DeepCache: the full UNet also outputs a deep feature, the shallow one takes it ----
+
+DEEP_DIMS = ModelDims(text_hidden=8, cross_attention_dim=12, deep_cache_branch=0, deep_feature_channels=3)
+DEEP = engine_specs(DEEP_DIMS, Profile(DimRange(1, 1, 3), DimRange(64, 64, 128), DimRange(64, 96, 128)))
+DEEP_STATIC = engine_specs(DEEP_DIMS, Profile.static(2, 64, 96))
+
+
+def fake_feature(sample, t, text, xp):
+    return xp.tanh(sample[:, :3] * (1 + t / 1000.0)) + 0.1 * per_row(text)
+
+
+def fake_shallow(sample, t, text, feature, xp):
+    """Depends on its row's cached feature (a shallow step fed another row's feature would differ)."""
+    return 0.3 * sample * (t / 1000.0) + 0.5 * feature.sum(1)[:, None] / 3 - 0.1 * per_row(text) + 0.05 * xp.cos(sample)
+
+
+class NumpyFullUNet(NumpyUNet):
+    def _execute(self, feeds, values):
+        f = feeds
+        out = super()._execute(feeds, values)
+        return {**out, "deep_feature": fake_feature(f["sample"], f["timestep"][0], f["text_embeds"], np).astype(np.float32)}
+
+
+class NumpyShallowUNet(Engine):
+    def _execute(self, feeds, values):
+        f = feeds
+        return {"noise_pred": fake_shallow(f["sample"], f["timestep"][0], f["text_embeds"], f["deep_feature"],
+                                           np).astype(np.float32)}
+
+
+class TorchFullUNet(TorchUNet):
+    def enqueue(self, context=None):
+        super().enqueue(context)
+        v = self.set_shapes(self._shapes[id(self.context if context is None else context)], context)
+        v["deep_feature"].copy_(fake_feature(v["sample"], v["timestep"][0], v["text_embeds"], torch))
+
+
+class TorchShallowUNet(TorchUNet):
+    def enqueue(self, context=None):
+        v = self.set_shapes(self._shapes[id(self.context if context is None else context)], context)
+        v["noise_pred"].copy_(fake_shallow(v["sample"], v["timestep"][0], v["text_embeds"], v["deep_feature"], torch))
+
+
+def deep_reference(batch, sampler, keep=None, specs=DEEP):
+    engines = {"unet": NumpyFullUNet(specs["unet"], Path("unet.onnx")),
+               "unet_shallow": NumpyShallowUNet(specs["unet_shallow"], Path("unet_shallow.onnx"))}
+    return OrtBackend(engines).denoise(batch, sampler, keep), engines
+
+
+def deep_batch(rng, sampler, guidance, where, intervals, h=8, w=12):
+    batch = loop_inputs(rng, sampler, guidance, where, h, w)
+    return replace(batch, full=full_mask(batch.cfg, intervals))
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+@pytest.mark.parametrize("name", ["euler_a", "unipc"])
+def test_deep_cache_on_the_device_equals_the_numpy_loop(name, cuda_graph, trt_standin):
+    """Three images at DeepCache intervals 2, 3 and 1, two guided on part of the steps (their uncond rows start
+    their cycle late): steps split between the graphs; then a row drop mid loop keeps the survivors' features."""
+    device = trt_standin.CpuDevice()
+    unet, shallow = (cls(DEEP[n], device, cuda_graph) for cls, n in ((TorchFullUNet, "unet"),
+                                                                     (TorchShallowUNet, "unet_shallow")))
+    sampler = tables(name, 6)
+    batch = deep_batch(np.random.default_rng(4), sampler, [5.0, 3.0, 6.0], [None, [1, 2, 3, 4], [3, 4, 5]], [2, 3, 1])
+    for keep in (None, lambda i, x: [0, 2] if i == 2 else None):
+        want, engines = deep_reference(batch, sampler, keep)
+        rows = (unet.rows, shallow.rows)
+        got = denoise_device(unet, batch, sampler, keep, shallow)
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+        assert (unet.rows - rows[0], shallow.rows - rows[1]) == (engines["unet"].rows, engines["unet_shallow"].rows)
+        assert engines["unet_shallow"].rows > 0
+        every = got if keep is None else every
+    plain = denoise_device(TorchUNet(DEEP["unet"], device), replace(batch, full=None), sampler)
+    assert np.abs(plain - every).max() > 1e-3  # the shallow steps changed the result
+
+
+def test_deep_cache_static_profile_pads_each_graph(trt_standin):
+    """UNet batch fixed at 4: each graph's call pads to 4 rows; one graph per step key, replayed."""
+    device = trt_standin.CpuDevice()
+    unet, shallow = TorchFullUNet(DEEP_STATIC["unet"], device, True), TorchShallowUNet(DEEP_STATIC["unet_shallow"],
+                                                                                        device, True)
+    sampler = tables("dpmpp_2m", 5)
+    batch = deep_batch(np.random.default_rng(8), sampler, [5.0], [[1, 2, 3]], [2])
+    want, engines = deep_reference(batch, sampler, specs=DEEP_STATIC)
+    got = denoise_device(unet, batch, sampler, None, shallow)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+    # uncond at steps 1-3, full at 1, 3; cond full at 0, 2, 4: a full call at every step, a shallow one at 1-3
+    assert (unet.rows, shallow.rows) == (5 * 4, 3 * 4) == (engines["unet"].rows, engines["unet_shallow"].rows)
+    assert sorted(g.replays for g in device.graphs) == [2, 3]  # steps 0, 4 (full only); 1-3 (both graphs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_cuda_deep_cache_loop_equals_the_numpy_loop(cuda_graph):
+    """On a GPU: DeepCache's two graphs, the feature cache on the device, captured CUDA graphs, a row drop."""
+    unet, shallow = TorchFullUNet(DEEP["unet"], torch.cuda, cuda_graph), TorchShallowUNet(DEEP["unet_shallow"],
+                                                                                           torch.cuda, cuda_graph)
+    for name in SAMPLERS:
+        sampler = tables(name, 6)
+        batch = deep_batch(np.random.default_rng(5), sampler, [5.0, 3.0], [None, [2, 3, 4]], [3, 2])
+        keep = lambda i, x: [1] if i == 3 else None  # noqa: E731
+        want, _ = deep_reference(batch, sampler, keep)
+        got = denoise_device(unet, batch, sampler, keep, shallow)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

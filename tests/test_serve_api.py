@@ -144,6 +144,29 @@ def test_sampler_and_guidance_interval_equal_the_pipeline_and_other_samplers_bat
     assert live.sample(after, RUNS, component="unet") - live.sample(before, RUNS, component="unet") == 2 * 2
 
 
+def test_deep_cache_interval_equals_the_pipeline_and_counts_the_shallow_rows(server, client, pipe):
+    """deep_cache_interval (JSON, and a form's text) gives the local Pipeline's image; the model card says the
+    folder has DeepCache; kolors_trt_unet_rows_total{graph="unet_shallow"} counts the shallow rows."""
+    with server.client() as http:
+        assert http.get("/v1/models").json()["data"][0]["deep_cache"] is True
+    before = server.metrics()
+    r = client.images.generate(prompt="a cat", size="96x64", extra_body={
+        "seed": 8, "num_inference_steps": 5, "deep_cache_interval": 3, "scheduler": "unipc"})
+    after = server.metrics()
+    want = pipe.generate("a cat", height=64, width=96, num_inference_steps=5, seed=8, ip_adapter_scale=0,
+                         scheduler="unipc", deep_cache_interval=3)
+    assert max_diff(decode(r.data[0].b64_json), want.images[0]) <= 1
+    assert r.parameters["deep_cache_interval"] == 3
+    rows = "kolors_trt_unet_rows_total"
+    assert live.sample(after, rows, graph="unet") - live.sample(before, rows, graph="unet") == 2 * 2  # steps 0, 3
+    assert live.sample(after, rows, graph="unet_shallow") - live.sample(before, rows, graph="unet_shallow") == 2 * 3
+    edit = client.images.edit(image=("ref.png", png(9), "image/png"), prompt="a dog", size="64x64",
+                              extra_body={"seed": 6, "num_inference_steps": 3, "deep_cache_interval": "2"})
+    want = pipe.generate("a dog", ip_adapter_image=png(9), height=64, width=64, num_inference_steps=3, seed=6,
+                         deep_cache_interval=2)
+    assert max_diff(decode(edit.data[0].b64_json), want.images[0]) <= 1
+
+
 def test_stream_sends_a_preview_per_step_then_the_final_image(client, pipe):
     events = list(client.images.generate(prompt="a cat", size="96x64", stream=True, partial_images=3,
                                          extra_body={"seed": 9, "num_inference_steps": 3}))
@@ -252,6 +275,14 @@ BAD = [  # (what, request, status, error.code, error.param); a callable value is
      "invalid_value", "guidance_interval"),
     ("guidance interval in a form", ("/v1/images/edits", edit(png(7), guidance_interval="5:1")), 400, "invalid_value",
      "guidance_interval"),
+    ("DeepCache interval 0", ("/v1/images/generations", {"json": {**GOOD, "deep_cache_interval": 0}}), 400,
+     "invalid_value", "deep_cache_interval"),
+    ("DeepCache interval 1.5", ("/v1/images/generations", {"json": {**GOOD, "deep_cache_interval": 1.5}}), 400,
+     "invalid_value", "deep_cache_interval"),
+    ("DeepCache interval as a string", ("/v1/images/generations", {"json": {**GOOD, "deep_cache_interval": "3"}}),
+     400, "invalid_value", "deep_cache_interval"),
+    ("DeepCache interval in a form", ("/v1/images/edits", edit(png(7), deep_cache_interval="x")), 400,
+     "invalid_value", "deep_cache_interval"),
 ]
 
 

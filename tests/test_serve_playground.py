@@ -452,15 +452,14 @@ def test_phone_width_labels_and_keyboard_only_use(server, browser):
 
 
 def test_optional_features_appear_only_when_the_server_advertises_them(server, page):
-    """The live server advertises its samplers (the sampler block lists them after the server default) and no
-    DeepCache or LoRA: the page shows neither. Then the page is shown a card and a LoRA list that do (the
-    contract those features implement) and sends their request fields."""
+    """The live server advertises its samplers (the sampler block lists them after the server default) and
+    DeepCache (its export holds the shallow UNet), no LoRA: the page shows no LoRA block. Then the page is shown
+    a card and a LoRA list that advertise LoRA (the contract that feature implements) and sends the fields."""
     open_page(page, server)
-    assert page.locator("#sampler-block").is_visible()
+    assert page.locator("#sampler-block").is_visible() and page.locator("#deep-cache-block").is_visible()
     assert page.locator("#sampler option").all_inner_texts() == [
         "server default (euler)", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc"]
-    for block in ("#deep-cache-block", "#lora-block"):
-        assert page.locator(block).is_hidden()
+    assert page.locator("#lora-block").is_hidden()
     with server.client() as http:
         assert http.get("/v1/loras").status_code == 404  # not on this server yet
 
