@@ -117,9 +117,58 @@ def test_schemathesis_checks_all_pass_against_the_live_server(server, tmp_path):
     command = [str(Path(sys.executable).with_name("schemathesis")), "--config-file", str(config), "run",
                f"{server.url}/openapi.json", "--checks", "all", "-H", f"Authorization: Bearer {KEY}",
                "--max-examples", str(EXAMPLES), "--generation-deterministic", "--workers", "1",
-               "--max-time", str(MAX_TIME_S), "--request-timeout", "30"]
+               "--max-time", str(MAX_TIME_S), "--request-timeout", "30",
+               "--report", "vcr", "--report-dir", str(tmp_path / "report")]
     run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=MAX_TIME_S + 120)
     summary = run.stdout[-6000:]
-    assert run.returncode == 0, summary
+    if run.returncode != 0:
+        document = httpx.get(f"{server.url}/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json()
+        cassette = next((tmp_path / "report").glob("vcr-*.yaml"))
+        assert unexplained_failures(cassette, document) == [], summary
     assert "Tested: 9" in run.stdout and " passed" in run.stdout, summary
     assert "Traceback" not in server.output  # nothing the server did not expect
+
+
+def unexplained_failures(cassette: Path, document: dict) -> list:
+    """The failures of a schemathesis run other than its known coverage-phase false positive: a case labelled
+    negative whose request is in fact schema-valid (schemathesis/schemathesis#3742: objects with many optional
+    properties and two required ones), so the server's 200 is right. Each such request is checked here against
+    the document with jsonschema; anything else (another check, or a request that does violate the schema)
+    is returned."""
+    import email.parser
+    import json
+
+    import jsonschema
+    import yaml
+
+    found = []
+    for case in yaml.safe_load(cassette.read_text())["http_interactions"]:
+        if case["status"] != "FAILURE":
+            continue
+        failed = [c["name"] for c in case["checks"] if c["status"] == "FAILURE"]
+        request = case["request"]
+        path = "/" + request["uri"].split("/", 3)[3].split("?")[0]
+        media = request["headers"].get("Content-Type", [""])[0]
+        operation = document["paths"].get(path, {}).get(request["method"].lower(), {})
+        content = operation.get("requestBody", {}).get("content", {})
+        if failed != ["negative_data_rejection"] or not media.startswith("multipart/form-data"):
+            found.append((case["id"], failed, path))
+            continue
+        schema = content["multipart/form-data"]["schema"]
+        raw = f"Content-Type: {media}\r\n\r\n".encode() + request["body"]["string"].encode("utf-8", "surrogateescape")
+        body = {}
+        for part in email.parser.BytesParser().parsebytes(raw).get_payload():
+            name, text = part.get_param("name", header="content-disposition"), part.get_payload(decode=True)
+            kind = schema["properties"].get(name, {}).get("type")
+            if schema["properties"].get(name, {}).get("format") == "binary":
+                body[name] = "<binary>"
+                continue
+            value = text.decode("utf-8", "replace")
+            try:  # the multipart text as the document's type reads it
+                body[name] = {"integer": int, "number": float, "boolean": lambda v: {"true": True, "false": False}[v]}.get(
+                    kind, str)(value)
+            except (ValueError, KeyError):
+                body[name] = value
+        if not jsonschema.Draft202012Validator(schema).is_valid(body):
+            found.append((case["id"], failed, path, json.dumps(body)[:300]))
+    return found
