@@ -31,6 +31,7 @@ from .errors import InputError
 from .spec import SHALLOW_UNET
 
 DEFAULT_INTERVAL = 1  # off: every step runs the full UNet
+MAX_INTERVAL = 1000  # past the step count every step after the first is shallow; the server's bound too
 BRANCH_LAYERS = 3  # DeepCache's cache_branch_id = 3 * block + layer
 _BLOCK_MODULE = re.compile(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.")
 
@@ -42,13 +43,14 @@ class DeepCacheInputError(InputError):
 
 
 def check_interval(value, folder) -> int:
-    """``deep_cache_interval`` as an int >= 1 (None: the default, off); > 1 needs ``folder``'s unet_shallow."""
+    """``deep_cache_interval`` as an int in [1, MAX_INTERVAL] (None: the default, off); > 1 needs ``folder``'s
+    unet_shallow."""
     if value is None:
         return DEFAULT_INTERVAL
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise DeepCacheInputError(f"pipeline: deep_cache_interval must be an int >= 1 (1: off), found {value!r}")
-    if value < 1:
-        raise DeepCacheInputError(f"pipeline: deep_cache_interval must be >= 1 (1: off), found {value}")
+    if not 1 <= value <= MAX_INTERVAL:
+        raise DeepCacheInputError(f"pipeline: deep_cache_interval must be in [1, {MAX_INTERVAL}] (1: off), found {value}")
     if value > 1 and SHALLOW_UNET not in folder.files:
         raise DeepCacheInputError(
             f"pipeline: deep_cache_interval {value} needs DeepCache's shallow UNet ({SHALLOW_UNET}), which "

@@ -66,6 +66,7 @@ class Adapter:
 
 
 def _sha256(files: Sequence[Path]) -> str:
+    """The adapter's identity: its weight files and the PEFT configs that scale them (lora_alpha, r)."""
     if len(files) == 1:
         return sha256_file(files[0])
     import hashlib
@@ -163,7 +164,7 @@ class LoraManager:
         if not any(layers.values()):
             raise LoraError(f"lora {name}: {path} holds no LoRA weights")
         source = ", ".join(f.name for f, _ in files)
-        return Adapter(name, source, _sha256([f for f, _ in files]), layers)
+        return Adapter(name, source, _sha256([p for pair in files for p in pair if p is not None]), layers)
 
     def adapter(self, name: str) -> Adapter:
         """A loaded adapter; with lora_dir, ``<lora_dir>/<name>.safetensors`` is loaded on first use."""
@@ -227,8 +228,9 @@ class LoraManager:
         if loras is None:
             with self._lock:
                 return self.default
-        if isinstance(loras, tuple):
-            return loras
+        if isinstance(loras, tuple) and all(isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], Adapter)
+                                            and type(item[1]) is float for item in loras):
+            return loras  # resolved already (a LoraSet)
         if not isinstance(loras, Mapping):
             raise LoraError(f"lora: loras must be a mapping of adapter name to weight, found {type(loras).__name__}")
         out = []

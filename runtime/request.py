@@ -163,8 +163,10 @@ def guidance_interval(value) -> Optional[tuple]:
     """(low, high) floats with 0 <= low < high < inf, or None; PipelineInputError otherwise."""
     if value is None:
         return None
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
-        raise PipelineInputError(f"pipeline: guidance_interval must be (low, high) in sigma units, found {value!r}")
+    if not isinstance(value, (list, tuple, np.ndarray)) or np.ndim(value) != 1 or len(value) != 2 or any(
+            isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) for v in value):
+        raise PipelineInputError(f"pipeline: guidance_interval must be (low, high), two numbers in sigma units, "
+                                 f"found {value!r}")
     low, high = (_finite(f"guidance_interval {name}", v) for name, v in zip(("low", "high"), value))
     if low < 0:
         raise PipelineInputError(f"pipeline: guidance_interval low must be >= 0 (a sigma), found {low}")

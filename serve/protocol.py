@@ -49,6 +49,7 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
+from kolors_trt.runtime import deep_cache
 from kolors_trt.runtime.request import GenerationRequest, PipelineInputError, guidance_interval
 from kolors_trt.runtime.samplers import SAMPLERS
 from kolors_trt.runtime.tokenizer import check_text
@@ -65,7 +66,7 @@ TYPO_RATIO = 0.8
 INT_TEXT = re.compile(r"[+-]?[0-9]+\Z")  # re's [0-9] is ASCII: "٤" is no digit here
 FLOAT_TEXT = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?\Z")
 BOOL_TEXT = {"true": True, "false": False}
-MAX_DEEP_CACHE_INTERVAL = 1000  # past the step count every step after the first is shallow
+MAX_DEEP_CACHE_INTERVAL = deep_cache.MAX_INTERVAL
 MAX_SIGMA = 1e6  # a guidance interval's bounds: far above any schedule's sigma (Kolors' largest is 29)
 _SIGMA = r"[0-9]{1,6}(\.[0-9]{1,9})?"  # below MAX_SIGMA, so the form and JSON take the same values
 INTERVAL_TEXT = re.compile(f"{_SIGMA}:{_SIGMA}\\Z")  # guidance_interval in a form: LOW:HIGH, ASCII digits

@@ -191,7 +191,7 @@ def test_cancelled_rows_leave_the_feature_cache(pipe):
     np.testing.assert_allclose(got[1].latents, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("value", [0, -2, 2.0, 1.5, True, "3"])
+@pytest.mark.parametrize("value", [0, -2, 2.0, 1.5, True, "3", 1001, 2**63, 10**30])
 def test_bad_intervals_are_input_errors(pipe, value):
     before = pipe.stats()["engine_runs"]
     with pytest.raises(DeepCacheInputError, match="deep_cache_interval must be"):

@@ -394,3 +394,26 @@ def test_tensorrt_plans_not_built_refittable_refuse_lora(loras, standin_engines,
     with pytest.raises(WeightSwapError, match="rebuild the engines with kolors-trt build --refit"):
         engine.use_weights(("x",), lambda restore: {})
     assert engine.weights_key is None and np.array_equal(generate(trt, {}), base)
+
+
+def test_a_peft_config_is_part_of_the_adapters_identity(pipe, loras, tmp_path):
+    """Two dreambooth folders with the same weights but another lora_alpha scale differently: they never share a
+    fused weight set or a prompt-cache key."""
+    import json
+    import shutil
+
+    other = tmp_path / "c_alpha"
+    shutil.copytree(loras["c_dreambooth"], other)
+    config = json.loads((other / "adapter_config.json").read_text())
+    config["lora_alpha"] = config["lora_alpha"] * 2
+    (other / "adapter_config.json").write_text(json.dumps(config))
+    pipe.load_lora_weights(loras["c_dreambooth"], adapter_name="c_dreambooth")
+    pipe.load_lora_weights(other, adapter_name="c_alpha")
+    try:
+        first, second = pipe.lora.adapters["c_dreambooth"], pipe.lora.adapters["c_alpha"]
+        assert first.sha256 != second.sha256
+        keys = [pipe.lora.key(pipe.lora.resolve({name: 0.7}), "text_encoder") for name in ("c_dreambooth", "c_alpha")]
+        assert keys[0] != keys[1]
+    finally:
+        pipe.unload_lora_weights("c_dreambooth")
+        pipe.unload_lora_weights("c_alpha")

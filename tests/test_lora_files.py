@@ -168,8 +168,11 @@ def test_names_and_weights(manager, tmp_path):
         for weight in (math.inf, math.nan, "1", True, None):
             with pytest.raises(LoraError, match="must be a finite number"):
                 manager.resolve({"ok": weight})
-        with pytest.raises(LoraError, match="must be a mapping"):
-            manager.resolve(["ok"])
+        for value in (["ok"], (("ok", 1.0),), ((manager.adapters["ok"], 1),)):  # only a resolved set passes as a tuple
+            with pytest.raises(LoraError, match="must be a mapping"):
+                manager.resolve(value)
+        resolved = manager.resolve({"ok": 0.5})
+        assert manager.resolve(resolved) is resolved
         assert manager.resolve({"ok": 0}) == ()  # weight 0 is the base model
         assert manager.key(manager.resolve({"ok": 0.5}), "unet") == ((manager.adapters["ok"].sha256, 0.5),)
         assert manager.key(manager.resolve({"ok": 0.5}), "text_encoder") is None

@@ -103,7 +103,7 @@ def test_generate_with_deep_cache(onnx_fp32, ref, tmp_path, capsys):
     (["--guidance-interval=-1:3"], 1, "low must be >= 0"),
     (["--guidance-interval", "0.3"], 2, "LOW:HIGH"),
     (["--scheduler", "ddim"], 2, "invalid choice: 'ddim'"),
-    (["--deep-cache-interval", "0"], 1, "deep_cache_interval must be >= 1"),
+    (["--deep-cache-interval", "0"], 1, "deep_cache_interval must be in [1, 1000]"),
     (["--deep-cache-interval", "2.5"], 2, "invalid int value"),
 ])
 def test_generate_sampler_argument_errors(onnx_fp32, ref, tmp_path, capsys, args, code, needle):

@@ -110,7 +110,10 @@ BAD_ARGS = {
     "interval-nan": (dict(guidance_interval=(float("nan"), 1.0)), PipelineInputError, "low must be finite"),
     "interval-one-value": (dict(guidance_interval=(1.0,)), PipelineInputError, "\\(low, high\\)"),
     "interval-str": (dict(guidance_interval="0.3:5"), PipelineInputError, "\\(low, high\\)"),
-    "interval-bound-str": (dict(guidance_interval=("a", 1.0)), PipelineInputError, "low must be a number"),
+    "interval-bound-str": (dict(guidance_interval=("a", 1.0)), PipelineInputError, "two numbers"),
+    "interval-bound-bool": (dict(guidance_interval=(True, 5.0)), PipelineInputError, "two numbers"),
+    "interval-set": (dict(guidance_interval={0.5, 2.0}), PipelineInputError, "two numbers"),
+    "interval-dict": (dict(guidance_interval={"low": 0.5, "high": 2.0}), PipelineInputError, "two numbers"),
 }
 
 
