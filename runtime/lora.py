@@ -113,6 +113,7 @@ class LoraManager:
         self.swap_seconds = 0.0
         self.on_swap: Optional[Callable[[str, float], None]] = None  # (component, seconds): the server's metrics
         self._lock = threading.RLock()
+        self._loading = threading.Lock()  # one first load from lora_dir at a time: N requests naming a new file read it once
 
     # ---- adapters ---------------------------------------------------------------------------
 
@@ -182,9 +183,13 @@ class LoraManager:
         if not file.is_file() or file.resolve().parent != self.lora_dir:
             raise LoraError(f"lora: unknown adapter {name!r}: no {name}.safetensors in the LoRA folder (GET /v1/loras "
                             "lists them)")
-        adapter = self._read(file, None, name)
-        with self._lock:
-            return self.adapters.setdefault(name, adapter)
+        with self._loading:
+            with self._lock:
+                if name in self.adapters:  # loaded by a request that held the loading lock first
+                    return self.adapters[name]
+            adapter = self._read(file, None, name)
+            with self._lock:
+                return self.adapters.setdefault(name, adapter)
 
     def unload(self, adapter_name: Optional[str] = None) -> None:
         """Remove one adapter, or all (None); sets using it fall back to the base weights."""

@@ -198,6 +198,35 @@ def test_lora_dir_names_stay_inside(onnx_fp32, tmp_path):
     assert [(i["id"], i["loaded"]) for i in m.list()] == [("style", True)]
 
 
+
+def test_concurrent_first_uses_read_the_file_once(onnx_fp32, tmp_path):
+    """Requests naming a file not yet loaded, at once: one reads it (bounded memory), all get that adapter."""
+    import threading
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    peft_file(folder / "style.safetensors", good())
+    m = LoraManager(read_folder(onnx_fp32), engines={}, lora_dir=folder)
+    reads, real_read, start = [], m._read, threading.Barrier(4)
+
+    def counted(*args):
+        reads.append(args[-1])
+        return real_read(*args)
+
+    m._read = counted
+    got = []
+
+    def use():
+        start.wait(timeout=30)
+        got.append(m.adapter("style"))
+
+    threads = [threading.Thread(target=use) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert reads == ["style"] and len(got) == 4 and all(a is got[0] for a in got)
+
 def test_components_without_a_usable_map():
     layer = LoraLayer("unet", TO_Q, np.ones((2, 64), np.float32), np.ones((64, 2), np.float32), 1.0, "k")
     with pytest.raises(LoraUnavailableError, match="no LoRA map for its unet"):
