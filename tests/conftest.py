@@ -18,12 +18,9 @@ The TensorRT backend on the CPU (see tests/test_runtime_trt.py):
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -229,15 +226,10 @@ def engine_folder(onnx_folder, out, profile, target: str = "tensorrt", plans: st
 
 
 def load_standin():
-    """The tests/trt_standin package, loaded by path once (pytest imports tests in importlib mode)."""
-    if "trt_standin" not in sys.modules:
-        root = Path(__file__).with_name("trt_standin")
-        spec = importlib.util.spec_from_file_location("trt_standin", root / "__init__.py",
-                                                      submodule_search_locations=[str(root)])
-        package = importlib.util.module_from_spec(spec)
-        sys.modules["trt_standin"] = package
-        spec.loader.exec_module(package)
-    return sys.modules["trt_standin"]
+    """The tests/trt_standin package (the tests folder is on pytest's pythonpath)."""
+    import trt_standin
+
+    return trt_standin
 
 
 @pytest.fixture(scope="session")

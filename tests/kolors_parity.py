@@ -1,4 +1,4 @@
-"""Helpers of the parity tests against diffusers' KolorsPipeline (tests/test_samplers.py,
+"""Helpers of the parity tests against diffusers' KolorsPipeline (tests/test_samplers.py, test_lora.py,
 tests/test_deep_cache.py): a reference image, diffusers' pipeline with a sampler's scheduler and its
 documented dynamic-CFG callback, a runtime request of the same case, and the 1/255 comparison."""
 
@@ -85,3 +85,14 @@ def dynamic_cfg(ref, until: int):
 
     return keep, dict(callback_on_step_end=callback,
                       callback_on_step_end_tensor_inputs=["prompt_embeds", "add_text_embeds", "add_time_ids"])
+
+
+def one_image(steps: int) -> dict:
+    """The single-image case of the parity tests: non-square, negative prompt, guidance 5, IP scale 0.5."""
+    return dict(prompt="a red fox in the snow", negative_prompt="blurry", seed=5, height=64, width=96,
+                num_inference_steps=steps, guidance_scale=5.0, ip_adapter_scale=0.5)
+
+
+def sigmas(pipe, name: str, steps: int) -> np.ndarray:
+    """The sampler's sigma at the start of each step (what a guidance interval is compared with)."""
+    return pipe.samplers.tables(name, steps).sigmas[:steps].astype(np.float64)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,16 +22,13 @@ from kolors_trt.runtime.errors import InputError
 from kolors_trt.runtime.pipeline import GenerationRequest, Pipeline
 from kolors_trt.runtime.samplers import SAMPLERS
 
-_spec = importlib.util.spec_from_file_location("kolors_parity", Path(__file__).with_name("kolors_parity.py"))
-parity = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(parity)
+import kolors_parity as parity
 image, reference, request, assert_equal_images = parity.image, parity.reference, parity.request, parity.assert_equal_images
 
 pytestmark = pytest.mark.slow
 
 STEPS = 7
-ONE_IMAGE = dict(prompt="a red fox in the snow", negative_prompt="blurry", seed=5, height=64, width=96,
-                 num_inference_steps=STEPS, guidance_scale=5.0, ip_adapter_scale=0.5)
+ONE_IMAGE = parity.one_image(STEPS)
 
 
 @pytest.fixture(scope="module")

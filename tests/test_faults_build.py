@@ -12,7 +12,6 @@ no leftovers (after SIGKILL: after a rerun), a file outside the folder untouched
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -29,9 +28,7 @@ from kolors_trt.runtime.spec import Profile
 
 pytest.importorskip("tensorrt_rtx")
 
-_spec = importlib.util.spec_from_file_location("kolors_trt_faults", Path(__file__).with_name("faults.py"))
-faults = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(faults)
+import faults
 
 RTX = "tensorrt-rtx"
 STATIC = ("--static", "--size", "256x256", "--batch", "1")

@@ -11,7 +11,6 @@ byte the old one, every file it names verifying; a file outside the folder untou
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -27,9 +26,7 @@ from kolors_trt.export import folder as F
 from kolors_trt.export.exporter import resolve_precisions
 from kolors_trt.runtime.manifest import write_json_atomic
 
-_spec = importlib.util.spec_from_file_location("kolors_trt_faults", Path(__file__).with_name("faults.py"))
-faults = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(faults)
+import faults
 
 
 @pytest.fixture

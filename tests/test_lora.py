@@ -8,11 +8,9 @@ loaded once for the module and every reference image is computed in one fixture.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,13 +20,9 @@ from kolors_trt.runtime.lora import LoraError
 from kolors_trt.runtime.pipeline import GenerationRequest, Pipeline
 from kolors_trt.runtime.spec import DimRange, Profile
 
-_spec = importlib.util.spec_from_file_location("lora_support", Path(__file__).with_name("lora_support.py"))
-support = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(support)
-# test_samplers' diffusers helpers: a scheduler swapped in as a diffusers user does, its dynamic-CFG callback
-_spec = importlib.util.spec_from_file_location("sampler_checks", Path(__file__).with_name("test_samplers.py"))
-sampler_checks = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sampler_checks)
+import lora_support as support
+# the parity helpers: a scheduler swapped in as a diffusers user does, its dynamic-CFG callback
+import kolors_parity as sampler_checks
 
 pytestmark = pytest.mark.slow
 
@@ -246,7 +240,7 @@ def test_lora_with_a_sampler_and_guidance_interval_equals_diffusers(pipe, lora_r
     set_adapters with the same scheduler and its documented dynamic-CFG callback; batched with another adapter set
     under the same sampler and interval, each request gives its solo result."""
     checks, name, steps, until = sampler_checks, "dpmpp_2m_karras", 5, 2
-    case = dict(checks.ONE_IMAGE, image=reference_image(), num_inference_steps=steps)
+    case = dict(checks.one_image(steps), image=reference_image())
     s = checks.sigmas(pipe, name, steps)
     interval = (s[until], s[0])
     requests = [checks.request(case, scheduler=name, guidance_interval=interval, loras=chosen)

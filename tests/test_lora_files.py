@@ -4,7 +4,6 @@ that changes nothing. The adapters are checked against the tiny fp32 export's Lo
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 from pathlib import Path
@@ -19,9 +18,7 @@ from kolors_trt.runtime.lora import LoraError, LoraManager, check_layer
 from kolors_trt.runtime.lora_files import LoraLayer, read_safetensors, sgm_to_diffusers
 from kolors_trt.runtime.lora_map import LoraMap, LoraUnavailableError
 
-_spec = importlib.util.spec_from_file_location("lora_support", Path(__file__).with_name("lora_support.py"))
-support = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(support)
+import lora_support as support
 
 TO_Q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"  # [64, 64] in the default tiny UNet
 CONV = "down_blocks.0.resnets.0.conv1"  # [32, 32, 3, 3]

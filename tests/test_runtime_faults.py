@@ -4,12 +4,10 @@ outside the folder is read, written or deleted."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import shutil
 import signal
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,9 +21,7 @@ from kolors_trt.runtime.pipeline import Pipeline, PipelineInputError
 from kolors_trt.runtime.postprocess import read_png_parameters
 from kolors_trt.runtime.preprocess import ImageInputError
 
-_spec = importlib.util.spec_from_file_location("kolors_trt_faults", Path(__file__).with_name("faults.py"))
-faults = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(faults)
+import faults
 
 SMALL = dict(height=64, width=64, num_inference_steps=2, seed=1, output_type="latent")
 

@@ -25,7 +25,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kolors_trt.runtime.folder import BackendError, read_folder
 from kolors_trt.runtime.pipeline import GenerationRequest, Pipeline
 from kolors_trt.runtime.spec import DimRange, Profile
 

@@ -12,8 +12,6 @@ documented dynamic-CFG callback; rows saved are counted; a mixed-interval batch 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,17 +19,14 @@ import pytest
 from kolors_trt.runtime.pipeline import GenerationRequest, Pipeline
 from kolors_trt.runtime.samplers import SAMPLERS
 
-_spec = importlib.util.spec_from_file_location("kolors_parity", Path(__file__).with_name("kolors_parity.py"))
-parity = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(parity)
+import kolors_parity as parity
 image, reference, request, assert_equal_images = parity.image, parity.reference, parity.request, parity.assert_equal_images
 dynamic_cfg = parity.dynamic_cfg
 
 pytestmark = pytest.mark.slow
 
 STEPS = 4  # DPM-Solver and UniPC run first, second, second, first order: every update form
-ONE_IMAGE = dict(prompt="a red fox in the snow", negative_prompt="blurry", seed=5, height=64, width=96,
-                 num_inference_steps=STEPS, guidance_scale=5.0, ip_adapter_scale=0.5)
+ONE_IMAGE = parity.one_image(STEPS)
 TWO_REQUESTS = [
     dict(prompt="two cats", seed=2**33 + 7, guidance_scale=7.5, ip_adapter_scale=0.8),
     dict(prompt="一只可爱的小狗在奔跑", negative_prompt="low quality", seed=11, guidance_scale=3.0, ip_adapter_scale=0.5),
@@ -81,7 +76,7 @@ def test_euler_a_noise_with_given_latents(kolors_reference, pipe):
 
 
 def sigmas(pipe, name: str, steps: int = STEPS) -> np.ndarray:
-    return pipe.samplers.tables(name, steps).sigmas[:steps].astype(np.float64)
+    return parity.sigmas(pipe, name, steps)
 
 
 @pytest.mark.parametrize("name", ["euler", "unipc"])

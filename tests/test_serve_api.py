@@ -4,11 +4,9 @@ sizes other than the export sample, engine-run counters and Prometheus text from
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import threading
-from pathlib import Path
 
 import openai
 import pytest
@@ -17,9 +15,7 @@ from PIL import Image
 from kolors_trt.runtime.pipeline import Pipeline
 from kolors_trt.runtime.postprocess import PNG_PARAMETERS_KEY
 
-_spec = importlib.util.spec_from_file_location("serve_live", Path(__file__).with_name("serve_live.py"))
-live = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(live)
+import serve_live as live
 
 KEY = "sk-test-0123456789"
 RUNS = "kolors_trt_engine_runs_total"

@@ -5,11 +5,9 @@ probe in-process. Every wait is bounded."""
 
 from __future__ import annotations
 
-import importlib.util
 import signal
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -19,9 +17,7 @@ from kolors_trt.serve.config import ServeConfig
 from kolors_trt.serve.errors import UnavailableError
 from kolors_trt.serve.worker import GENERATE, Work, Worker
 
-_spec = importlib.util.spec_from_file_location("serve_live", Path(__file__).with_name("serve_live.py"))
-live = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(live)
+import serve_live as live
 
 pytestmark = pytest.mark.slow
 

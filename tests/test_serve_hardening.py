@@ -8,13 +8,11 @@ an in-process uvicorn serving the same app."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import socket
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -22,9 +20,7 @@ import pytest
 
 from kolors_trt.runtime.pipeline import Pipeline
 
-_spec = importlib.util.spec_from_file_location("serve_live", Path(__file__).with_name("serve_live.py"))
-live = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(live)
+import serve_live as live
 
 pytestmark = pytest.mark.slow
 

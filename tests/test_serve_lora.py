@@ -6,11 +6,9 @@ and change nothing."""
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,12 +16,8 @@ from PIL import Image
 
 from kolors_trt.runtime.pipeline import Pipeline
 
-_spec = importlib.util.spec_from_file_location("serve_live", Path(__file__).with_name("serve_live.py"))
-live = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(live)
-_spec = importlib.util.spec_from_file_location("lora_support", Path(__file__).with_name("lora_support.py"))
-support = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(support)
+import serve_live as live
+import lora_support as support
 
 pytestmark = pytest.mark.slow
 

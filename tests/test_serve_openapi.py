@@ -5,7 +5,6 @@ server with an API key and small limits, bounded in examples and time."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +14,7 @@ import pytest
 
 from kolors_trt.serve.protocol import INTERVAL_TEXT
 
-_spec = importlib.util.spec_from_file_location("serve_live", Path(__file__).with_name("serve_live.py"))
-live = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(live)
+import serve_live as live
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,6 @@ writes the README's screenshot from the generation test.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
 import os
@@ -32,9 +31,7 @@ from kolors_trt.runtime.spec import KOLORS_SIZES, DimRange, ModelDims, Profile
 from kolors_trt.serve.protocol import parse_size
 from kolors_trt.serve.sizes import offered_sizes
 
-_spec = importlib.util.spec_from_file_location("serve_live", Path(__file__).with_name("serve_live.py"))
-live = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(live)
+import serve_live as live
 
 KEY = "sk-playground-0123"
 CHROMIUM = os.environ.get("KOLORS_TRT_CHROMIUM", "/usr/bin/chromium")

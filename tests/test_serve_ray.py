@@ -13,7 +13,6 @@ the fixture (only processes that name or hold its temporary folder).
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import io
 import os
 import re
@@ -37,9 +36,7 @@ from kolors_trt.serve import ray_app  # noqa: E402
 from kolors_trt.serve.ray_local import processes_of  # noqa: E402
 from kolors_trt.serve.config import ConfigError, ServeConfig  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("serve_live", Path(__file__).with_name("serve_live.py"))
-live = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(live)
+import serve_live as live
 
 HEADER = re.compile(r"^(KolorsServer#\w+)/(\d+)$")
 KEY = "sk-ray-test-0123"
