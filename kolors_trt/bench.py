@@ -264,6 +264,11 @@ def _device_memory_mb() -> Optional[float]:
         return None
 
 
+def machine(env: dict) -> str:
+    """The GPU (or CPU) and CPU count every bench report names, from ``environment()``."""
+    return f"{env.get('gpu') or env['cpu']} ({env['cpu_count']} CPUs)"
+
+
 def environment(backend: str) -> dict:
     env = {"python": platform.python_version(), "machine": platform.machine(), "cpu": _cpu_name(),
            "cpu_count": __import__("os").cpu_count()}
@@ -347,8 +352,7 @@ def markdown(result: dict) -> str:
     env, cfg = result["environment"], result["config"]
     lines = [
         f"kolors-trt bench: {cfg['height']}x{cfg['width']}, {cfg['steps']} steps, guidance {cfg['guidance_scale']}, "
-        f"{cfg['runs']} runs after {cfg['warmup']} warm-up; backend {env['backend']}; "
-        f"{env.get('gpu') or env['cpu']} ({env['cpu_count']} CPUs)",
+        f"{cfg['runs']} runs after {cfg['warmup']} warm-up; backend {env['backend']}; {machine(env)}",
         f"clock: {result['clock']['note']}",
         "",
         markdown_table(headers, rows),

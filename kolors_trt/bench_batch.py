@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from .bench import PROMPT, BenchConfig, BenchError, reference_images
+from .bench import PROMPT, BenchConfig, BenchError, machine, reference_images
 
 MODES = ("one_at_a_time", "generate_batch")
 
@@ -88,7 +88,7 @@ def markdown(result: dict, env: dict) -> str:
     return "\n".join([
         f"kolors-trt bench --batch {cfg['batch']}: {cfg['height']}x{cfg['width']}, {cfg['steps']} steps, guidance "
         f"{cfg['guidance_scale']}, {cfg['runs']} rounds after {cfg['warmup']} warm-up; backend {result['backend']}; "
-        f"{env.get('gpu') or env['cpu']} ({env['cpu_count']} CPUs)",
+        f"{machine(env)}",
         "",
         markdown_table(["mode", "requests", "images/s", "p50 completion ms", "p90 completion ms", "UNet runs"], rows),
         "",

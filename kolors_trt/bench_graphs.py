@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from .bench import BenchConfig
+from .bench import BenchConfig, machine
 
 
 def bench_unet_graphs(folder: Path, backend: str, config: BenchConfig, cuda_graph: Optional[bool] = None) -> dict:
@@ -61,7 +61,7 @@ def markdown(result: dict, env: dict) -> str:
     return "\n".join([
         f"kolors-trt bench, UNet graphs: one CFG step (UNet batch {d['unet_batch']}, latents {d['latent_height']}x"
         f"{d['latent_width']}), {result['config']['runs']} rounds after {result['config']['warmup']} warm-up; backend "
-        f"{result['backend']}; {env.get('gpu') or env['cpu']} ({env['cpu_count']} CPUs)",
+        f"{result['backend']}; {machine(env)}",
         "",
         markdown_table(["graph", "outputs", "ms (mean)", "ms (p50)", "ms (min-max)", "unet / graph"], rows),
     ])

@@ -23,7 +23,7 @@ from typing import Optional
 
 import numpy as np
 
-from .bench import PROMPT, BenchConfig, Clock, reference_images
+from .bench import PROMPT, BenchConfig, Clock, machine, reference_images
 
 
 @dataclass(frozen=True)
@@ -116,8 +116,8 @@ def markdown(result: dict, env: dict) -> str:
              f"{result['speedup_vs_default'][label]:.2f}x"] for label, s in result["summary"].items()]
     return "\n".join([
         f"kolors-trt bench, samplers and DeepCache: {cfg['height']}x{cfg['width']}, guidance {cfg['guidance_scale']}, {cfg['runs']} "
-        f"rounds after {cfg['warmup']} warm-up; backend {result['backend']}; {env.get('gpu') or env['cpu']} "
-        f"({env['cpu_count']} CPUs); all stages timed with time.perf_counter",
+        f"rounds after {cfg['warmup']} warm-up; backend {result['backend']}; {machine(env)}; all stages timed with "
+        "time.perf_counter",
         "",
         markdown_table(["configuration", "UNet rows / image (" + " + ".join(graphs) + ")", "wall ms (mean)",
                         "wall ms (min-max)",
